@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -45,9 +46,7 @@ class Registry:
     def get(self, name: str) -> type:
         key = name.lower().replace("_", "-")
         if key not in self._classes:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            )
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._classes[key]
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -63,6 +62,7 @@ class Registry:
                 init(self, *args, **kwargs)
                 # Only the class actually instantiated records (a registered parent's init runs inside it).
                 if type(self) is cls:
+                    bound.apply_defaults()
                     recorded = dict(list(bound.arguments.items())[1:])
                     recorded.update(recorded.pop("kwargs", {}) if _has_var_kw(sig) else {})
                     self.spec = {"name": name, "kwargs": _jsonable(recorded)}
@@ -87,9 +87,7 @@ class Registry:
         elif isinstance(spec, dict) and "name" in spec:
             name, kwargs = spec["name"], dict(spec.get("kwargs", {}))
         else:
-            raise ConfigError(
-                f"a {self.kind} must be a name ({', '.join(self.names())}) or an nn.Module, got {spec!r}"
-            )
+            raise ConfigError(f"a {self.kind} must be a name ({', '.join(self.names())}) or an nn.Module, got {spec!r}")
         cls = self.get(name)
         params = inspect.signature(cls.__init__).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -98,9 +96,7 @@ class Registry:
         unknown = [k for k in kwargs if k not in params and not takes_any]
         if unknown:
             valid = [k for k in params if k != "self"]
-            raise ConfigError(
-                f"{self.kind} {name!r} has no option(s) {unknown}; its options are {valid}"
-            )
+            raise ConfigError(f"{self.kind} {name!r} has no option(s) {unknown}; its options are {valid}")
         try:
             return cls(**args)
         except TypeError as err:
@@ -119,9 +115,5 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    # Non-JSON arguments (a user's nn.Module, say) make the block unsaveable by config; ppvae.save says so.
-    return _Unserializable(repr(value))
-
-
-class _Unserializable(str):
-    """Marker for an argument that cannot be written to JSON config."""
+    # A non-JSON argument (a user's nn.Module, say) stays as it is: json.dumps in ppvae.save then refuses it.
+    return value

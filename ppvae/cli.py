@@ -1,0 +1,337 @@
+"""The ``ppvae`` command: a thin layer over the Python API (``ppvae.data.load``, ``ppvae.VAE``, ``ppvae.fit``,
+``ppvae.save``/``ppvae.load``).
+
+User errors print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, io
+from . import data as datamod
+from .errors import ConfigError, PPVAEError
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .objectives import OBJECTIVES
+from .priors import PRIORS
+from .train import fit
+from .vae import VAE
+
+__all__ = ["main"]
+
+
+def parse_block(text: str) -> str | dict:
+    """``"normal"`` → ``"normal"``; ``"normal:scale=learned,x=2"`` → ``{"name": "normal", "kwargs": {...}}``."""
+    name, _, opts = text.partition(":")
+    if not opts:
+        return name
+    kwargs: dict[str, Any] = {}
+    # Split at commas that start a new key=, so list values like hidden=[32,16] stay whole.
+    for item in re.split(r",(?=[A-Za-z_][\w-]*=)", opts):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"cannot read option {item!r} in {text!r}; write name:key=value,key=value")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return {"name": name, "kwargs": kwargs}
+
+
+def _with_levels(spec: str | dict, levels: int | None) -> str | dict:
+    """Give 256-level likelihoods the data's number of grey levels unless the user chose one."""
+    name = spec if isinstance(spec, str) else spec["name"]
+    if levels is None or name not in ("categorical", "discretized-logistic"):
+        return spec
+    kwargs = {} if isinstance(spec, str) else dict(spec.get("kwargs", {}))
+    kwargs.setdefault("levels", levels)
+    return {"name": name, "kwargs": kwargs}
+
+
+def load_model_file(path: str | Path) -> Any:
+    """Import a model file (``models/x.py``) by path; it must define ``build(data_shape, latent_dim, **opts)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"ppvae_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as err:  # a user's file: report its error in one line
+        raise ConfigError(f"cannot import model file {path}: {type(err).__name__}: {err}") from None
+    if not callable(getattr(module, "build", None)):
+        raise ConfigError(f"model file {path} must define build(data_shape, latent_dim) returning a model/guide module")
+    return module
+
+
+def _run_path(run: str) -> Path:
+    path = Path(run)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def _load_run(run: str) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of a saved run (a VAE from config, a model file's module via its build function)."""
+    path = _run_path(run)
+    obj = io.read(path)
+    meta = obj.get("meta", {})
+    if obj.get("kind") == "vae":
+        return io.load(path), meta
+    if "model_file" in meta:
+        module = load_model_file(meta["model_file"])
+        model = module.build(tuple(meta["data_shape"]), meta["latent_dim"])
+        return io.load(path, model=model), meta
+    raise ConfigError(
+        f"{path} holds a custom model without a model file; load it in Python with ppvae.load(path, model=...)"
+    )
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument(
+            "--dataset",
+            default="digits",
+            help="digits (embedded), fashion-mnist, mnist, linear-gaussian, or a .npy/.npz/.csv file",
+        )
+        p.add_argument(
+            "--model",
+            default=None,
+            help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim); "
+            "replaces --prior/--likelihood/--guide/--encoder/--decoder",
+        )
+        p.add_argument(
+            "--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value"
+        )
+        p.add_argument(
+            "--likelihood",
+            default=None,
+            help=f"one of {', '.join(LIKELIHOODS.names())} (default: bernoulli for binarized data, "
+            "categorical for grey levels, normal otherwise)",
+        )
+        p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
+        p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
+        p.add_argument("--decoder", default="mlp", help="mlp or conv")
+        p.add_argument("--latent-dim", type=int, default=16)
+        p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
+        p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
+        p.add_argument("--num-particles", type=int, default=1)
+        p.add_argument("--beta", type=float, default=1.0)
+        p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+        p.add_argument("--patience", type=int, default=None)
+        p.add_argument("--clip-norm", type=float, default=None)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--epochs", type=int, default=30 if demo else 20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run directory to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppvae", description="Train and inspect Pyro variational autoencoders.")
+    parser.add_argument("--version", action="version", version=f"ppvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_args(sub.add_parser("train", help="train a VAE (or a model file) on a dataset and save the run"))
+    _add_train_args(
+        sub.add_parser("demo", help="train a VAE on the embedded digits data and print a summary"), demo=True
+    )
+    p = sub.add_parser("sample", help="draw new data from a saved run; a PNG grid for images")
+    p.add_argument("run", help="run directory or model.pt")
+    p.add_argument("-n", "--num", type=int, default=64)
+    p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("info", help="what a saved run holds")
+    p.add_argument("run", help="run directory or model.pt")
+    return parser
+
+
+def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
+    if demo:
+        args.dataset, args.model, args.prior, args.guide = "digits", None, "normal", "normal"
+        args.likelihood, args.encoder, args.decoder, args.latent_dim = (
+            "categorical",
+            "mlp:hidden=[256]",
+            "mlp:hidden=[256]",
+            8,
+        )
+        args.binarize, args.objective, args.num_particles, args.beta, args.kl_warmup = None, "elbo", 1, 1.0, 0.0
+        args.patience, args.clip_norm, args.device, args.resume = None, None, "auto", False
+    splits = datamod.load(args.dataset, binarize=args.binarize, seed=args.seed)
+    out = Path(args.out)
+    io.prepare_dir(out)
+    meta: dict[str, Any] = {
+        "dataset": splits.name,
+        "data_shape": list(splits.data_shape),
+        "levels": splits.levels,
+        "binarize": splits.binarize,
+        "preprocessing": splits.preprocessing,
+        "latent_dim": args.latent_dim,
+        "seed": args.seed,
+    }
+    if args.model:
+        module = load_model_file(args.model)
+        model = module.build(tuple(splits.data_shape), args.latent_dim)
+        meta["model_file"] = str(Path(args.model).resolve())
+    else:
+        likelihood = args.likelihood or (
+            "bernoulli" if splits.binarize else "categorical" if splits.levels else "normal"
+        )
+        model = VAE(
+            splits.data_shape,
+            args.latent_dim,
+            prior=parse_block(args.prior),
+            likelihood=_with_levels(parse_block(likelihood), splits.levels),
+            guide=parse_block(args.guide),
+            encoder=parse_block(args.encoder),
+            decoder=parse_block(args.decoder),
+        )
+    t0 = time.perf_counter()
+    result = fit(
+        model,
+        splits.train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        objective=args.objective,
+        num_particles=args.num_particles,
+        beta=args.beta,
+        kl_warmup=args.kl_warmup,
+        val_data=splits.val,
+        patience=args.patience,
+        clip_norm=args.clip_norm,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_dir=out / "checkpoints",
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - t0
+    model.to("cpu")
+    summary = _summary(model, splits, result, seconds)
+    meta.update(history=result.history, summary=summary)
+    io.save(model, out / "model.pt", meta=meta, optimizer=result.optimizer)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@torch.no_grad()
+def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, seconds: float) -> dict:
+    from .objectives import make_objective
+
+    loss = make_objective("elbo")
+    summary: dict[str, Any] = {
+        "dataset": splits.name,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(seconds, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    for split in ("val", "test"):
+        x = getattr(splits, split)
+        if x is not None:
+            torch.manual_seed(0)
+            elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]
+            summary[f"{split}_elbo"] = round(elbo, 4)
+            summary[f"{split}_elbo_bits_per_dim"] = round(-elbo / (math.log(2) * math.prod(splits.data_shape)), 4)
+    summary["final_train_loss"] = round(result.history[-1]["train_loss"], 4)
+    return summary
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    print(
+        f"trained on {summary['dataset']} for {summary['epochs']} epochs in {summary['train_seconds']:.1f} s "
+        f"({summary['parameters']:,} parameters)"
+    )
+    for split in ("val", "test"):
+        if f"{split}_elbo" in summary:
+            print(
+                f"  {split:4s} ELBO  {summary[f'{split}_elbo']:9.3f} nats/datapoint   "
+                f"{summary[f'{split}_elbo_bits_per_dim']:.4f} bits/dim (upper bound)"
+            )
+    print(f"saved run: {out}/model.pt   summary: {out}/summary.json")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    model, meta = _load_run(args.run)
+    if args.num < 1:
+        raise ConfigError(f"--num must be ≥ 1, got {args.num}")
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        if hasattr(model, "generate"):
+            x = model.generate(args.num)
+        else:
+            from pyro.infer import Predictive
+
+            x = Predictive(model.model, num_samples=1)(None, args.num)["x"][0]
+    out = Path(args.out) if args.out else _run_path(args.run).parent / "samples.png"
+    shape = tuple(meta.get("data_shape", x.shape[1:]))
+    if len(shape) == 3 and shape[0] in (1, 3):
+        from .plots import image_grid
+
+        image_grid(x.reshape(-1, *shape), out)
+        print(f"wrote {args.num} samples to {out}")
+    else:
+        out = out.with_suffix(".npy")
+        import numpy as np
+
+        np.save(out, x.numpy())
+        print(f"data are not images (shape {shape}): wrote {args.num} samples to {out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    obj = io.read(_run_path(args.run))
+    meta = obj.get("meta", {})
+    print(f"{_run_path(args.run)}: ppvae file v{obj['version']}, {obj.get('kind')} ({obj.get('class')})")
+    if obj.get("config"):
+        cfg = obj["config"]
+        for key in ("data_shape", "latent_dim", "prior", "likelihood", "guide", "encoder", "decoder"):
+            print(f"  {key:11s} {json.dumps(cfg[key])}")
+    n = sum(t.numel() for t in obj["state_dict"].values()) if "state_dict" in obj else 0
+    print(f"  weights     {n:,} numbers")
+    for key in ("dataset", "binarize", "levels", "model_file"):
+        if meta.get(key) is not None:
+            print(f"  {key:11s} {meta[key]}")
+    history = meta.get("history", [])
+    if history:
+        last = history[-1]
+        val = f", val ELBO {last['val_elbo']:.3f}" if last.get("val_elbo") is not None else ""
+        print(f"  trained     {len(history)} epochs, last train loss {last['train_loss']:.3f}{val}")
+    for key, value in meta.get("summary", {}).items():
+        if key.endswith("elbo"):
+            print(f"  {key:11s} {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "demo"):
+            summary = _train(args, demo=args.command == "demo")
+            _print_summary(summary, args.out)
+        elif args.command == "sample":
+            _sample(args)
+        elif args.command == "info":
+            _info(args)
+    except PPVAEError as err:
+        print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""``fit``: one training loop for every model/guide pair, ppvae's own or the user's.
+
+The loop is PyTorch's: ``loss = ELBO.differentiable_loss(model, guide, batch)`` with one ``torch.optim.Adam`` over
+the pair's parameters. This avoids two costs of Pyro's usual ``SVI`` + ``pyro.optim`` loop (one optimizer per
+parameter tensor, a ``.item()`` sync every step) and one trap (parameters fetched from the global store): the
+parameters are the model's own tensors, collected once and checked to receive gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import ELBO
+from torch import nn
+
+from . import io
+from .batches import Batches, make_batches
+from .errors import ConfigError, TrainingError
+from .objectives import make_objective, scale_latents
+from .params import collect_params
+
+__all__ = ["fit", "FitResult", "resolve_pair"]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns.
+
+    Attributes:
+        model, guide: the trained pair (callables; bound methods for a module).
+        module: the trained ``nn.Module`` owning the pair, or None for a pair of functions.
+        history: one dict per epoch: ``epoch``, ``train_loss`` (negative β-ELBO, nats per datapoint),
+            ``val_elbo`` (ELBO with β = 1, nats per datapoint, or None), ``beta``, ``seconds``, ``examples_per_s``.
+        best_epoch: the epoch whose parameters were kept (best validation ELBO, else the last).
+        stopped_early: whether ``patience`` ran out.
+        param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` sites); ``with
+            pyro.get_param_store().scope(result.param_state): ...`` evaluates that pair later.
+    """
+
+    model: Callable
+    guide: Callable
+    module: nn.Module | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    param_state: dict | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    # The best score so far and a copy of its parameters (checkpointed, so a resumed run keeps them).
+    best_score: float = -math.inf
+    best_params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def train_loss(self) -> list[float]:
+        return [h["train_loss"] for h in self.history]
+
+    @property
+    def val_elbo(self) -> list[float | None]:
+        return [h["val_elbo"] for h in self.history]
+
+
+def resolve_pair(model: Any, guide: Callable | None = None) -> tuple[Callable, Callable, nn.Module | None]:
+    """Return ``(model_fn, guide_fn, owner)`` for a ``VAE``, a module with ``model``/``guide`` methods, or functions."""
+    owner = model if isinstance(model, nn.Module) else None
+    if guide is None:
+        if callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None)):
+            return model.model, model.guide, owner
+        raise ConfigError(
+            f"fit needs a guide: pass an object with model and guide methods (a ppvae.VAE) or guide=..., "
+            f"got {type(model).__name__} with no guide"
+        )
+    model_fn = model.model if callable(getattr(model, "model", None)) else model
+    if not callable(model_fn) or not callable(guide):
+        raise ConfigError(f"model and guide must be callables, got {type(model).__name__} and {type(guide).__name__}")
+    return model_fn, guide, owner
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+def _check_positive(name: str, value: Any, kind: type = int, allow_zero: bool = False) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if kind is float:
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= 0 if allow_zero else value > 0)
+        )
+    if not ok:
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a {'number' if kind is float else 'whole number'} {bound}, got {value!r}")
+
+
+def fit(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    objective: str | ELBO = "elbo",
+    num_particles: int = 1,
+    vectorize_particles: bool | None = None,
+    beta: float = 1.0,
+    kl_warmup: float = 0.0,
+    val_data: Any = None,
+    patience: int | None = None,
+    clip_norm: float | None = None,
+    seed: int | None = 0,
+    device: str | torch.device | None = "auto",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    validate_data: bool = True,
+) -> FitResult:
+    """Train a model/guide pair by stochastic variational inference.
+
+    Args:
+        model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods (an ``nn.Module`` or
+            ``PyroModule``), or a model function written with ``pyro.module``/``pyro.param`` (then pass ``guide``).
+        data: a tensor or array (called as ``model(x)``), a tuple of tensors (``model(*batch)``), a
+            ``torch.utils.data.Dataset`` or ``DataLoader``, or ``ppvae.data.DynamicBinarized``.
+        epochs: passes over ``data``.
+        batch_size: examples per step (ignored for a ``DataLoader``, which batches itself).
+        lr: Adam learning rate.
+        objective: ``"elbo"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO: analytic KL where registered),
+            ``"iwae"`` (RenyiELBO with alpha=0; Burda et al. 2015), ``"enum"`` (TraceEnum_ELBO for enumerated
+            discrete latents), or an ``ELBO`` instance.
+        num_particles: samples of z per datapoint per step (IWAE's K).
+        vectorize_particles: draw particles in one vectorized pass (default: yes for a ppvae.VAE).
+        beta: weight of the latent terms, β·(log p(z) − log q(z|x)) (Higgins et al. 2017). Scales the latent
+            sites in model **and** guide, so it is β·KL, not β·log p(z) − log q(z|x).
+        kl_warmup: epochs over which β rises linearly from 0 to ``beta`` (Sønderby et al. 2016).
+        val_data: held-out data scored each epoch by the ELBO with β = 1 (nats per datapoint).
+        patience: stop after this many epochs without a better validation ELBO and keep the best parameters.
+        clip_norm: clip the global gradient norm to this value.
+        seed: seeds torch, numpy and Python's RNG (None leaves them as they are).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
+        checkpoint_dir: write ``last.pt`` there after every epoch (atomically) and ``best.pt`` on improvement.
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists (same data, same arguments).
+        progress: show a progress bar with the loss and examples/s on stderr.
+        validate_data: check data against the likelihood's support before training (a ppvae.VAE only).
+
+    Returns:
+        :class:`FitResult` with a per-epoch ``history``.
+    """
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    _check_positive("lr", lr, float)
+    _check_positive("num_particles", num_particles)
+    _check_positive("beta", beta, float, allow_zero=True)
+    _check_positive("kl_warmup", kl_warmup, float, allow_zero=True)
+    if patience is not None:
+        _check_positive("patience", patience)
+        if val_data is None:
+            raise ConfigError("patience needs val_data: early stopping watches the validation ELBO")
+    if clip_norm is not None:
+        _check_positive("clip_norm", clip_norm, float)
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
+
+    model_fn, guide_fn, owner = resolve_pair(model, guide)
+    dev = _device(device)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if owner is not None:
+        owner.to(dev)
+    train = make_batches(data, batch_size, dev, shuffle=True, what="data")
+    val = (
+        make_batches(val_data, max(batch_size, 1024), dev, shuffle=False, what="val_data", strict=False)
+        if val_data is not None
+        else None
+    )
+    if validate_data and owner is not None:
+        for b in (train, val):
+            if b is not None:
+                b.check_against(owner)
+    is_vae = owner is not None and hasattr(owner, "likelihood") and hasattr(owner, "encode")
+    if vectorize_particles is None:
+        vectorize_particles = is_vae and num_particles > 1
+    loss_fn = make_objective(objective, num_particles, vectorize_particles, max_plate_nesting=1 if is_vae else None)
+    val_loss_fn = make_objective("elbo", 1, False, max_plate_nesting=1 if is_vae else None)
+    ckpt_dir = io.prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
+
+    store = pyro.get_param_store()
+    with ExitStack() as stack:
+        # Each fit gets its own parameter store: nothing stale from an earlier model under the same names.
+        param_state = stack.enter_context(store.scope())
+        if is_vae:
+            # Support was checked up front; per-step argument validation only costs time in the hot loop.
+            stack.enter_context(pyro.validation_enabled(False))
+        first = train.first()
+        params = collect_params(model_fn, guide_fn, owner, first)
+        optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
+        result = FitResult(
+            model_fn, guide_fn, owner, param_state=None if owner is not None else param_state, optimizer=optimizer
+        )
+        start_epoch = 0
+        if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+            start_epoch = io.restore_training(ckpt_dir / "last.pt", params, optimizer, result)
+        steps_per_epoch = len(train)
+        warmup_steps = kl_warmup * steps_per_epoch
+        beta_now = [float(beta)]
+        scaled_model = scale_latents(model_fn, beta_now)
+        scaled_guide = scale_latents(guide_fn, beta_now)
+        bad_epochs = len(result.history) - (result.best_epoch or 0)
+        checked_grads = start_epoch > 0
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            total, count = torch.zeros((), device=dev), 0
+            bar = _progress(progress, steps_per_epoch, epoch, epochs)
+            for step, batch in enumerate(train):
+                global_step = epoch * steps_per_epoch + step
+                beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
+                n = train.batch_len(batch)
+                loss = loss_fn(scaled_model, scaled_guide, *batch) / n
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if not checked_grads:
+                    _check_gradients(params)
+                    checked_grads = True
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; the parameters "
+                        "before this step are kept. Likely causes: a learning rate too high (try lr/10), a likelihood "
+                        "scale collapsing to 0, or data outside the likelihood's support; clip_norm=... can help"
+                    )
+                if clip_norm is not None:
+                    nn.utils.clip_grad_norm_([p for _, p in params], clip_norm)
+                optimizer.step()
+                total += loss.detach() * n
+                count += n
+                if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
+                    seconds = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{total.item() / count:.3f}", ex_s=f"{count / max(seconds, 1e-9):.0f}")
+                    bar.update(step + 1 - bar.n)
+            if bar is not None:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": total.item() / count,
+                "val_elbo": _mean_elbo(val_loss_fn, model_fn, guide_fn, val) if val is not None else None,
+                "beta": beta_now[0],
+                "seconds": seconds,
+                "examples_per_s": count / seconds,
+            }
+            result.history.append(record)
+            if progress:
+                print(_describe(record, epochs), file=sys.stderr)
+            score = record["val_elbo"] if val is not None else -record["train_loss"]
+            improved = score > result.best_score
+            if improved:
+                result.best_score = score
+                result.best_params = {name: p.detach().clone() for name, p in params}
+                result.best_epoch = epoch + 1
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            if ckpt_dir is not None:
+                io.save_training(ckpt_dir / "last.pt", model, params, optimizer, result)
+                if improved:
+                    io.save_training(ckpt_dir / "best.pt", model, params, optimizer, result)
+            if patience is not None and bad_epochs >= patience:
+                result.stopped_early = True
+                break
+        if val is not None and result.best_params is not None:
+            with torch.no_grad():  # keep the parameters of the best validation epoch
+                for name, p in params:
+                    p.copy_(result.best_params[name])
+    if owner is None:
+        # A pair of functions reads its parameters from the global store: leave the trained ones there.
+        store.set_state(param_state)
+    return result
+
+
+def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse to train parameters the ELBO never reaches: they would silently stay at their initial values."""
+    dead = [name for name, p in params if p.grad is None]
+    if dead:
+        shown = ", ".join(dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else "")
+        raise TrainingError(
+            f"{len(dead)} parameter(s) get no gradient from the ELBO and would never be optimized: {shown}; "
+            "use them in model or guide, or freeze them with requires_grad_(False)"
+        )
+
+
+@torch.no_grad()
+def _mean_elbo(loss_fn: Callable, model_fn: Callable, guide_fn: Callable, batches: Batches) -> float:
+    """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total -= loss_fn(model_fn, guide_fn, *batch).item()
+        count += batches.batch_len(batch)
+    return total / count
+
+
+def _progress(enabled: bool, total: int, epoch: int, epochs: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False, unit="step")
+
+
+def _describe(record: dict, epochs: int) -> str:
+    val = f"  val ELBO {record['val_elbo']:.3f}" if record["val_elbo"] is not None else ""
+    return (
+        f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.3f}{val}  "
+        f"β {record['beta']:.2f}  {record['seconds']:.1f}s  {record['examples_per_s']:.0f} ex/s"
+    )

@@ -1,0 +1,142 @@
+"""The VAE as a Pyro model/guide pair: the template to copy for your own models.
+
+Generative model, for each datapoint ``i`` in the plate ``"data"``::
+
+    z_i ~ p(z)                        # prior:      ppvae.priors
+    x_i ~ p(x | decoder(z_i))         # likelihood: ppvae.likelihoods
+
+Amortized guide::
+
+    z_i ~ q(z | encoder(x_i))         # guide head: ppvae.guides
+
+Conventions every ppvae diagnostic relies on: local latents live in the plate named ``"data"`` (dim -1),
+the latent site is ``"z"`` and the observed site is ``"x"``. Kingma & Welling 2014; Rezende et al. 2014.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import pyro
+import torch
+from pyro.distributions import Distribution
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .nets import build_decoder, build_encoder
+from .priors import PRIORS
+
+__all__ = ["VAE"]
+
+_ids = itertools.count()
+
+
+class VAE(nn.Module):
+    """A variational autoencoder composed from interchangeable building blocks.
+
+    Args:
+        data_shape: shape of one datapoint, e.g. ``(1, 28, 28)`` or ``(784,)``.
+        latent_dim: dimension ``D`` of ``z``.
+        prior: ``"normal"``, ``"laplace"``, ``"student-t"``, ``"mixture"``, ``"vamp"``, ``"flow"`` or a module
+            whose ``forward()`` returns p(z) with event shape ``(D,)``.
+        likelihood: a name from :data:`ppvae.likelihoods.LIKELIHOODS` or a module mapping decoder output
+            ``(*batch, num_params, *data_shape)`` to p(x | z).
+        guide: ``"normal"`` (mean-field), ``"lowrank"``, ``"fullrank"``, ``"iaf"`` or a module mapping encoder
+            features to q(z | x).
+        encoder, decoder: ``"mlp"``, ``"conv"``, a spec ``{"name": "mlp", "kwargs": {"hidden": [256]}}``, or a module.
+
+    Shapes: ``model(x)`` and ``guide(x)`` take ``x: (batch, *data_shape)``.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        latent_dim: int,
+        prior: str | dict | nn.Module = "normal",
+        likelihood: str | dict | nn.Module = "bernoulli",
+        guide: str | dict | nn.Module = "normal",
+        encoder: str | dict | nn.Module = "mlp",
+        decoder: str | dict | nn.Module = "mlp",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(latent_dim, int) and latent_dim > 0):
+            raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.latent_dim = latent_dim
+        self.likelihood = LIKELIHOODS.build(likelihood, data_shape=self.data_shape)
+        self.encoder = build_encoder(encoder, self.data_shape)
+        self.decoder = build_decoder(decoder, latent_dim, (self.likelihood.num_params, *self.data_shape))
+        self.guide_head = GUIDES.build(guide, in_features=self.encoder.out_features, latent_dim=latent_dim)
+        self.prior = PRIORS.build(prior, latent_dim=latent_dim, data_shape=self.data_shape)
+        if hasattr(self.prior, "attach"):  # VampPrior: a mixture of q(z | pseudo-inputs)
+            self.prior.attach(self.encode)
+        # A name unique to this instance: under Pyro's own SVI loop, pyro.module registers this model's
+        # weights without picking up another model's stale tensors from the global parameter store.
+        self.pyro_name = f"vae{next(_ids)}"
+
+    def encode(self, x: Tensor) -> Distribution:
+        """q(z | x): batch shape ``x.shape[:-len(data_shape)]``, event shape ``(latent_dim,)``."""
+        return self.guide_head(self.encoder(x))
+
+    def decode(self, z: Tensor) -> Distribution:
+        """p(x | z): batch shape ``z.shape[:-1]``, event shape ``data_shape``."""
+        return self.likelihood(self.decoder(z))
+
+    def model(self, x: Tensor | None = None, batch_size: int = 1) -> Tensor:
+        """p(x, z). With ``x=None`` it generates ``batch_size`` new datapoints (for ``pyro.infer.Predictive``)."""
+        pyro.module(self.pyro_name, self)
+        n = batch_size if x is None else x.shape[0]
+        with pyro.plate("data", n):
+            z = pyro.sample("z", self.prior())
+            return pyro.sample("x", self.decode(z), obs=x)
+
+    def guide(self, x: Tensor | None = None, batch_size: int = 1) -> Tensor | None:
+        """q(z | x). Without data there is nothing to amortize: the model then samples z from the prior."""
+        pyro.module(self.pyro_name, self)
+        if x is None:
+            return None
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("z", self.encode(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x | z] at one draw z ~ q(z | x): the shape of ``x``."""
+        return self.likelihood.mean(self.decoder(self.encode(x).sample()))
+
+    @torch.no_grad()
+    def generate(self, n: int) -> Tensor:
+        """E[x | z] for ``n`` draws z ~ p(z): ``(n, *data_shape)``."""
+        z = self.prior().sample((n,))
+        return self.likelihood.mean(self.decoder(z))
+
+    def config(self) -> dict:
+        """JSON-serializable configuration rebuilding this VAE (see :func:`ppvae.save`)."""
+        parts = {
+            "prior": self.prior,
+            "likelihood": self.likelihood,
+            "guide": self.guide_head,
+            "encoder": self.encoder,
+            "decoder": self.decoder,
+        }
+        cfg: dict = {"data_shape": list(self.data_shape), "latent_dim": self.latent_dim}
+        for key, module in parts.items():
+            spec = getattr(module, "spec", None)
+            if spec is None:
+                raise ConfigError(
+                    f"the {key} is a custom {type(module).__name__} with no registered spec, so this VAE cannot be "
+                    "rebuilt from a config; save the weights with ppvae.save(model, path) and load them with "
+                    "ppvae.load(path, model=<a freshly built model>)"
+                )
+            cfg[key] = _strip_context(spec)
+        return cfg
+
+
+def _strip_context(spec: dict) -> dict:
+    """Drop arguments the VAE supplies itself (shapes), keeping the user's options."""
+    kwargs = {
+        k: v for k, v in spec["kwargs"].items() if k not in ("data_shape", "latent_dim", "in_features", "out_shape")
+    }
+    return {"name": spec["name"], "kwargs": kwargs}
