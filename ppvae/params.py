@@ -8,7 +8,9 @@ through their own ``parameters()``, so their children are always included.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -17,7 +19,29 @@ from torch import Tensor, nn
 
 from .errors import TrainingError
 
-__all__ = ["collect_params"]
+__all__ = ["collect_params", "module_params_are_local", "local_module_params"]
+
+_LOCAL = threading.local()
+
+
+def module_params_are_local() -> bool:
+    """True while a trainer optimizes modules' own ``parameters()`` directly (inside ``fit``).
+
+    A module's ``model``/``guide`` may then skip ``pyro.module(...)``: registering its tensors in the global
+    parameter store on every step would cost time and serve no one.
+    """
+    return getattr(_LOCAL, "active", False)
+
+
+@contextmanager
+def local_module_params() -> Iterator[None]:
+    """Mark the block as training modules through their own parameters (see :func:`module_params_are_local`)."""
+    previous = module_params_are_local()
+    _LOCAL.active = True
+    try:
+        yield
+    finally:
+        _LOCAL.active = previous
 
 
 def collect_params(model: Callable, guide: Callable, owner: nn.Module | None, args: tuple) -> list[tuple[str, Tensor]]:

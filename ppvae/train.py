@@ -25,8 +25,8 @@ from torch import nn
 from . import io
 from .batches import Batches, make_batches
 from .errors import ConfigError, TrainingError
-from .objectives import make_objective, scale_latents
-from .params import collect_params
+from .objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
+from .params import collect_params, local_module_params
 
 __all__ = ["fit", "FitResult", "resolve_pair"]
 
@@ -199,12 +199,15 @@ def fit(
         vectorize_particles = is_vae and num_particles > 1
     loss_fn = make_objective(objective, num_particles, vectorize_particles, max_plate_nesting=1 if is_vae else None)
     val_loss_fn = make_objective("elbo", 1, False, max_plate_nesting=1 if is_vae else None)
+    fast = has_fast_elbo(owner) and objective == "elbo"
     ckpt_dir = io.prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
 
     store = pyro.get_param_store()
     with ExitStack() as stack:
         # Each fit gets its own parameter store: nothing stale from an earlier model under the same names.
         param_state = stack.enter_context(store.scope())
+        if owner is not None:
+            stack.enter_context(local_module_params())
         if is_vae:
             # Support was checked up front; per-step argument validation only costs time in the hot loop.
             stack.enter_context(pyro.validation_enabled(False))
@@ -220,8 +223,23 @@ def fit(
         steps_per_epoch = len(train)
         warmup_steps = kl_warmup * steps_per_epoch
         beta_now = [float(beta)]
-        scaled_model = scale_latents(model_fn, beta_now)
-        scaled_guide = scale_latents(guide_fn, beta_now)
+        if fast:  # a ppvae.VAE: Trace_ELBO's estimator without tracing (see objectives.vae_elbo_loss)
+
+            def step_loss(x: torch.Tensor) -> torch.Tensor:
+                return vae_elbo_loss(owner, x, beta_now[0], num_particles)
+
+            def val_loss(x: torch.Tensor) -> torch.Tensor:
+                return vae_elbo_loss(owner, x)
+        else:
+            scaled_model = scale_latents(model_fn, beta_now)
+            scaled_guide = scale_latents(guide_fn, beta_now)
+
+            def step_loss(*batch: torch.Tensor) -> torch.Tensor:
+                return loss_fn(scaled_model, scaled_guide, *batch)
+
+            def val_loss(*batch: torch.Tensor) -> torch.Tensor:
+                return val_loss_fn(model_fn, guide_fn, *batch)
+
         bad_epochs = len(result.history) - (result.best_epoch or 0)
         checked_grads = start_epoch > 0
         for epoch in range(start_epoch, epochs):
@@ -232,7 +250,7 @@ def fit(
                 global_step = epoch * steps_per_epoch + step
                 beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
                 n = train.batch_len(batch)
-                loss = loss_fn(scaled_model, scaled_guide, *batch) / n
+                loss = step_loss(*batch) / n
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if not checked_grads:
@@ -259,7 +277,7 @@ def fit(
             record = {
                 "epoch": epoch + 1,
                 "train_loss": total.item() / count,
-                "val_elbo": _mean_elbo(val_loss_fn, model_fn, guide_fn, val) if val is not None else None,
+                "val_elbo": _mean_elbo(val_loss, val) if val is not None else None,
                 "beta": beta_now[0],
                 "seconds": seconds,
                 "examples_per_s": count / seconds,
@@ -305,11 +323,11 @@ def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
 
 
 @torch.no_grad()
-def _mean_elbo(loss_fn: Callable, model_fn: Callable, guide_fn: Callable, batches: Batches) -> float:
+def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
     """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint."""
     total, count = 0.0, 0
     for batch in batches:
-        total -= loss_fn(model_fn, guide_fn, *batch).item()
+        total -= loss_fn(*batch).item()
         count += batches.batch_len(batch)
     return total / count
 

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .nets import build_decoder, build_encoder
+from .params import module_params_are_local
 from .priors import PRIORS
 
 __all__ = ["VAE"]
@@ -77,6 +78,12 @@ class VAE(nn.Module):
         # weights without picking up another model's stale tensors from the global parameter store.
         self.pyro_name = f"vae{next(_ids)}"
 
+    def _register(self) -> None:
+        # Under Pyro's own SVI loop the weights must be in the parameter store; ppvae.fit optimizes
+        # self.parameters() directly and skips this per-step cost.
+        if not module_params_are_local():
+            pyro.module(self.pyro_name, self)
+
     def encode(self, x: Tensor) -> Distribution:
         """q(z | x): batch shape ``x.shape[:-len(data_shape)]``, event shape ``(latent_dim,)``."""
         return self.guide_head(self.encoder(x))
@@ -87,7 +94,7 @@ class VAE(nn.Module):
 
     def model(self, x: Tensor | None = None, batch_size: int = 1) -> Tensor:
         """p(x, z). With ``x=None`` it generates ``batch_size`` new datapoints (for ``pyro.infer.Predictive``)."""
-        pyro.module(self.pyro_name, self)
+        self._register()
         n = batch_size if x is None else x.shape[0]
         with pyro.plate("data", n):
             z = pyro.sample("z", self.prior())
@@ -95,7 +102,7 @@ class VAE(nn.Module):
 
     def guide(self, x: Tensor | None = None, batch_size: int = 1) -> Tensor | None:
         """q(z | x). Without data there is nothing to amortize: the model then samples z from the prior."""
-        pyro.module(self.pyro_name, self)
+        self._register()
         if x is None:
             return None
         with pyro.plate("data", x.shape[0]):
