@@ -76,6 +76,24 @@ def load_model_file(path: str | Path) -> Any:
     return module
 
 
+def _build_from_file(path: str | Path, data_shape: Sequence[int], latent_dim: int) -> Any:
+    module = load_model_file(path)
+    try:
+        return module.build(tuple(data_shape), latent_dim)
+    except Exception as err:  # a user's file: report its error in one line
+        raise ConfigError(f"build() in model file {path} failed: {type(err).__name__}: {err}") from None
+
+
+def default_likelihood(splits: datamod.DataSplits) -> str:
+    """Bernoulli for binarized data; a Categorical over few grey levels (digits: 17); a discretized logistic
+    over many (256: a Categorical would need 256 decoder outputs per pixel); a Normal for continuous data."""
+    if splits.binarize:
+        return "bernoulli"
+    if splits.levels:
+        return "categorical" if splits.levels <= 32 else "discretized-logistic"
+    return "normal"
+
+
 def _run_path(run: str) -> Path:
     path = Path(run)
     return path / "model.pt" if path.is_dir() else path
@@ -89,12 +107,34 @@ def _load_run(run: str) -> tuple[torch.nn.Module, dict]:
     if obj.get("kind") == "vae":
         return io.load(path), meta
     if "model_file" in meta:
-        module = load_model_file(meta["model_file"])
-        model = module.build(tuple(meta["data_shape"]), meta["latent_dim"])
+        model = _build_from_file(meta["model_file"], meta["data_shape"], meta["latent_dim"])
         return io.load(path, model=model), meta
     raise ConfigError(
         f"{path} holds a custom model without a model file; load it in Python with ppvae.load(path, model=...)"
     )
+
+
+# `ppvae demo`: the README's main job. A small VAE on the embedded digits (17 grey levels, so a 17-level
+# Categorical gives exact probabilities), early-stopped on the validation ELBO.
+DEMO = {
+    "dataset": "digits",
+    "model": None,
+    "prior": "normal",
+    "likelihood": "categorical",
+    "guide": "normal",
+    "encoder": "mlp:hidden=[256]",
+    "decoder": "mlp:hidden=[256]",
+    "latent_dim": 8,
+    "binarize": None,
+    "objective": "elbo",
+    "num_particles": 1,
+    "beta": 1.0,
+    "kl_warmup": 0.0,
+    "patience": 10,
+    "clip_norm": None,
+    "device": "auto",
+    "resume": False,
+}
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -132,7 +172,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         p.add_argument("--clip-norm", type=float, default=None)
         p.add_argument("--device", default="auto")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    p.add_argument("--epochs", type=int, default=30 if demo else 20)
+    p.add_argument("--epochs", type=int, default=100 if demo else 20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -160,18 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
     if demo:
-        args.dataset, args.model, args.prior, args.guide = "digits", None, "normal", "normal"
-        args.likelihood, args.encoder, args.decoder, args.latent_dim = (
-            "categorical",
-            "mlp:hidden=[256]",
-            "mlp:hidden=[256]",
-            8,
-        )
-        args.binarize, args.objective, args.num_particles, args.beta, args.kl_warmup = None, "elbo", 1, 1.0, 0.0
-        args.patience, args.clip_norm, args.device, args.resume = None, None, "auto", False
+        for key, value in DEMO.items():
+            setattr(args, key, value)
     splits = datamod.load(args.dataset, binarize=args.binarize, seed=args.seed)
-    out = Path(args.out)
-    io.prepare_dir(out)
+    out = Path(args.out)  # created by fit once the data and model are known to be good: nothing half-written
     meta: dict[str, Any] = {
         "dataset": splits.name,
         "data_shape": list(splits.data_shape),
@@ -182,13 +214,10 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
         "seed": args.seed,
     }
     if args.model:
-        module = load_model_file(args.model)
-        model = module.build(tuple(splits.data_shape), args.latent_dim)
+        model = _build_from_file(args.model, splits.data_shape, args.latent_dim)
         meta["model_file"] = str(Path(args.model).resolve())
     else:
-        likelihood = args.likelihood or (
-            "bernoulli" if splits.binarize else "categorical" if splits.levels else "normal"
-        )
+        likelihood = args.likelihood or default_likelihood(splits)
         model = VAE(
             splits.data_shape,
             args.latent_dim,
@@ -224,6 +253,8 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
     meta.update(history=result.history, summary=summary)
     io.save(model, out / "model.pt", meta=meta, optimizer=result.optimizer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if demo:
+        summary["samples"] = str(write_samples(model, splits.data_shape, out / "samples.png", 64, args.seed))
     return summary
 
 
@@ -262,33 +293,39 @@ def _print_summary(summary: dict, out: str) -> None:
                 f"{summary[f'{split}_elbo_bits_per_dim']:.4f} bits/dim (upper bound)"
             )
     print(f"saved run: {out}/model.pt   summary: {out}/summary.json")
+    if "samples" in summary:
+        print(f"samples: {summary['samples']}")
 
 
-def _sample(args: argparse.Namespace) -> None:
-    model, meta = _load_run(args.run)
-    if args.num < 1:
-        raise ConfigError(f"--num must be ≥ 1, got {args.num}")
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        if hasattr(model, "generate"):
-            x = model.generate(args.num)
-        else:
-            from pyro.infer import Predictive
+@torch.no_grad()
+def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, num: int, seed: int = 0) -> Path:
+    """Draw ``num`` new datapoints; images go to a PNG grid at ``out``, other data to ``out`` as ``.npy``."""
+    torch.manual_seed(seed)
+    if hasattr(model, "generate"):
+        x = model.generate(num)  # E[x | z] for z ~ p(z): smoother pictures than one draw of x
+    else:
+        from pyro.infer import Predictive
 
-            x = Predictive(model.model, num_samples=1)(None, args.num)["x"][0]
-    out = Path(args.out) if args.out else _run_path(args.run).parent / "samples.png"
-    shape = tuple(meta.get("data_shape", x.shape[1:]))
+        x = Predictive(model.model, num_samples=1)(None, num)["x"][0]
+    shape = tuple(data_shape)
     if len(shape) == 3 and shape[0] in (1, 3):
         from .plots import image_grid
 
-        image_grid(x.reshape(-1, *shape), out)
-        print(f"wrote {args.num} samples to {out}")
-    else:
-        out = out.with_suffix(".npy")
-        import numpy as np
+        return image_grid(x.reshape(-1, *shape).float(), out)
+    import numpy as np
 
-        np.save(out, x.numpy())
-        print(f"data are not images (shape {shape}): wrote {args.num} samples to {out}")
+    out = out.with_suffix(".npy")
+    np.save(out, x.numpy())
+    return out
+
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.num < 1:
+        raise ConfigError(f"--num must be ≥ 1, got {args.num}")
+    model, meta = _load_run(args.run)
+    out = Path(args.out) if args.out else _run_path(args.run).parent / "samples.png"
+    written = write_samples(model, meta.get("data_shape", []), out, args.num, args.seed)
+    print(f"wrote {args.num} samples to {written}")
 
 
 def _info(args: argparse.Namespace) -> None:
