@@ -93,6 +93,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, match):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert match in err
+    assert not (tmp_path / "r").exists()  # nothing half-written
 
 
 def test_foreign_file_to_info(tmp_path, capsys):
