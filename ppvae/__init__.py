@@ -5,7 +5,9 @@ blocks (priors, likelihoods, guides, networks) compose into :class:`VAE`.
 """
 
 from . import data
+from .diagnostics import Diagnosis, diagnose
 from .errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
+from .evaluate import Evaluation, evaluate
 from .io import load, save
 from .train import FitResult, fit
 from .vae import VAE
@@ -14,6 +16,10 @@ __all__ = [
     "VAE",
     "fit",
     "FitResult",
+    "evaluate",
+    "Evaluation",
+    "diagnose",
+    "Diagnosis",
     "save",
     "load",
     "data",

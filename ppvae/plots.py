@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["image_grid"]
+__all__ = ["image_grid", "khat_plot", "kl_per_dim_plot", "reference_plot"]
 
 
 def image_grid(images: torch.Tensor, path: str | Path, *, ncol: int | None = None) -> Path:
@@ -32,3 +33,70 @@ def image_grid(images: torch.Tensor, path: str | Path, *, ncol: int | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     plt.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
     return path
+
+
+def _figure(width: float = 6.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height), dpi=110)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def khat_plot(khat: np.ndarray, threshold: float, path: str | Path) -> Path:
+    """PSIS k̂ per datapoint with the 0.5 (good) and ``threshold`` (unreliable) lines."""
+    plt, fig, ax = _figure()
+    k = np.where(np.isfinite(khat), khat, np.nan)
+    shown = np.clip(k, -0.5, None)  # −inf (equal weights) is drawn at the bottom edge
+    colors = np.where(k > threshold, "tab:red", np.where(k > 0.5, "tab:orange", "tab:blue"))
+    ax.scatter(np.arange(len(k)), shown, s=6, c=colors)
+    ax.axhline(0.5, color="tab:orange", lw=1, ls="--", label="0.5 (good below)")
+    ax.axhline(threshold, color="tab:red", lw=1, ls="--", label=f"{threshold:.2f} (unreliable above)")
+    ax.set(xlabel="datapoint", ylabel="PSIS k̂", title="Pareto k̂ of the guide's importance weights")
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def kl_per_dim_plot(kl: np.ndarray, path: str | Path, collapsed: float = 0.01) -> Path:
+    """E_x KL(q(z_d|x) ‖ p(z_d)) per latent dimension, sorted, with the collapse line."""
+    plt, fig, ax = _figure()
+    order = np.argsort(kl)[::-1]
+    ax.bar(np.arange(len(kl)), np.asarray(kl)[order], color="tab:blue")
+    ax.axhline(collapsed, color="tab:red", lw=1, ls="--", label=f"{collapsed} nats (collapsed below)")
+    ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
+    ax.set(xlabel="latent dimension (sorted)", ylabel="KL (nats)", yscale="symlog", title="KL per dimension")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def reference_plot(reference, path: str | Path, max_dims: int = 4) -> Path:
+    """Marginals of q (guide draws) against the NUTS reference, per datapoint (rows) and dimension (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, d = len(reference.index), min(max_dims, reference.draws.shape[-1])
+    fig, axes = plt.subplots(k, d, figsize=(2.4 * d, 1.9 * k), dpi=100, squeeze=False)
+    for i in range(k):
+        ref = reference.draws[i].reshape(-1, reference.draws.shape[-1])
+        q = reference.guide_draws[i]
+        for j in range(d):
+            ax = axes[i, j]
+            bins = np.histogram_bin_edges(np.concatenate([ref[:, j], q[:, j]]), bins=30)
+            ax.hist(ref[:, j], bins=bins, density=True, alpha=0.5, label="NUTS")
+            ax.hist(q[:, j], bins=bins, density=True, alpha=0.5, label="q")
+            ax.set_yticks([])
+            ax.set_title(f"x[{reference.index[i]}], z{j}", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    return _save(plt, fig, path)

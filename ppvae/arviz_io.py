@@ -1,0 +1,148 @@
+"""The only module that touches ArviZ: PSIS, ESS, R-hat, InferenceData export and NetCDF storage.
+
+ArviZ 0.2x (Python 3.11: ``InferenceData``, ``az.psislw``) and ArviZ ≥ 1.0 (Python ≥ 3.12: ``arviz_stats``,
+``xarray.DataTree``) name things differently, and 1.x's ``psislw`` smooths the *negation* of what it is given
+(it expects log-likelihoods). Every call goes through the small functions here so both can be served: the 1.x
+branches are selected by :data:`AZ_MAJOR`.
+
+Arrays follow ppvae's convention: importance log-weights ``(N, S)`` with samples on the last axis; MCMC draws
+``(chains, draws, *shape)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.0 refactor on import
+    import arviz as az
+
+__all__ = ["AZ_MAJOR", "psis", "khat_threshold", "ess", "rhat", "to_inference_data", "save_netcdf", "load_netcdf"]
+
+AZ_MAJOR = int(az.__version__.split(".")[0])
+
+
+def khat_threshold(num_samples: int) -> float:
+    """Reliability threshold of PSIS k̂ for S samples: min(1 − 1/log10 S, 0.7) (Vehtari et al. 2024)."""
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
+
+
+def psis(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pareto-smoothed importance sampling per row (Yao et al. 2018; Vehtari et al. 2024).
+
+    Args:
+        log_weights: ``(N, S)`` log importance ratios, nats; samples on the last axis. A constant row (an
+            exact proposal) has no tail to fit and gets k̂ = −inf; a row with NaN or ±inf gets k̂ = nan.
+
+    Returns:
+        ``(smoothed_log_weights (N, S), khat (N,))``; smoothed weights are normalized per row.
+    """
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if lw.ndim != 2:
+        raise ValueError(f"log_weights must be (N, S), got shape {lw.shape}")
+    n, s = lw.shape
+    khat = np.full(n, np.nan)
+    smoothed = np.full_like(lw, np.nan)
+    finite = np.isfinite(lw).all(axis=1)
+    spread = np.zeros(n)
+    spread[finite] = np.ptp(lw[finite], axis=1)
+    # Weights equal to float32 rounding (an exact proposal) are bounded ratios: no tail to fit, k̂ = −inf.
+    constant = finite & (spread < 1e-4)
+    if constant.any():
+        khat[constant] = -np.inf
+        smoothed[constant] = -math.log(s)
+    rows = finite & ~constant
+    if rows.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ArviZ warns per call when k̂ is high; ppvae reports it instead
+            if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
+                from arviz_stats.base import array_stats
+
+                out, k = array_stats.psislw(-lw[rows], 1.0, axis=-1)
+                out = out - _logsumexp(out)
+            else:
+                out, k = az.psislw(lw[rows], reff=1.0, normalize=True)
+        smoothed[rows] = np.asarray(out)
+        khat[rows] = np.asarray(k)
+    return smoothed, khat
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    m = a.max(axis=-1, keepdims=True)
+    return m + np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
+
+
+def ess(draws: np.ndarray, method: str = "bulk") -> np.ndarray:
+    """MCMC effective sample size per component: ``draws (chains, draws, *shape)`` → ``shape``."""
+    return _diagnostic(draws, "ess", method)
+
+
+def rhat(draws: np.ndarray) -> np.ndarray:
+    """Rank-normalized split R-hat (Vehtari et al. 2021) per component: ``(chains, draws, *shape)`` → ``shape``."""
+    return _diagnostic(draws, "rhat", "rank")
+
+
+def _diagnostic(draws: np.ndarray, name: str, method: str) -> np.ndarray:
+    x = np.asarray(draws, dtype=np.float64)
+    if x.ndim < 2:
+        raise ValueError(f"draws must be (chains, draws, ...), got shape {x.shape}")
+    shape = x.shape[2:]
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
+            from arviz_stats.base import array_stats
+
+            fn = array_stats.ess if name == "ess" else array_stats.rhat
+            out = fn(flat, chain_axis=0, draw_axis=1, method=method)
+        else:
+            dataset = az.convert_to_dataset({"v": flat})
+            fn = az.ess if name == "ess" else az.rhat
+            out = fn(dataset, method=method)["v"].values
+    return np.asarray(out).reshape(shape)
+
+
+def to_inference_data(
+    *,
+    posterior: dict[str, np.ndarray] | None = None,
+    sample_stats: dict[str, np.ndarray] | None = None,
+    groups: dict[str, dict[str, np.ndarray]] | None = None,
+    dims: dict[str, list[str]] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Any:
+    """Build an ArviZ ``InferenceData`` (0.2x) or ``DataTree`` (1.x) from arrays ``(chain, draw, *shape)``.
+
+    ``groups`` adds further groups by name (for example ``"reference_posterior"`` for NUTS draws).
+    """
+    all_groups: dict[str, dict[str, np.ndarray]] = {}
+    if posterior:
+        all_groups["posterior"] = posterior
+    if sample_stats:
+        all_groups["sample_stats"] = sample_stats
+    all_groups.update(groups or {})
+    if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
+        return az.from_dict(all_groups, dims=dims, attrs=attrs)
+    datasets = {name: az.dict_to_dataset(data, dims=dims, attrs=attrs) for name, data in all_groups.items()}
+    return az.InferenceData(**datasets)
+
+
+def save_netcdf(idata: Any, path: str | Path) -> Path:
+    """Write InferenceData/DataTree to NetCDF; the file stores arrays only (no pickled objects)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    idata.to_netcdf(str(path))
+    return path
+
+
+def load_netcdf(path: str | Path) -> Any:
+    """Read what :func:`save_netcdf` wrote."""
+    if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
+        import xarray as xr
+
+        return xr.open_datatree(str(path))
+    return az.from_netcdf(str(path))

@@ -1,0 +1,237 @@
+"""``evaluate``: ELBO, importance-sampled log p(x), bits/dim and the inference gap, per datapoint.
+
+Everything comes from one array, the importance log-weights (see :mod:`ppvae.logweights`)::
+
+    lw[i, s] = log p(x_i, z_is) − log q(z_is | x_i),   z_is ~ q(z | x_i)
+    ELBO_i   = mean_s lw[i, s]                                   (nats)
+    log p̂_i  = logsumexp_s lw[i, s] − log S                     (IWAE_S bound; Burda et al. 2015)
+    gap_i    = log p̂_i − ELBO_i ≈ KL(q(z | x_i) ‖ p(z | x_i))
+
+computed in chunks over data and particles so memory stays bounded whatever N and S are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor
+
+from .batches import make_batches
+from .errors import ConfigError
+from .logweights import log_weights, plate_nesting
+from .objectives import has_fast_elbo
+from .params import local_module_params
+from .train import _device, resolve_pair
+
+__all__ = ["Evaluation", "evaluate", "iter_log_weights"]
+
+# Elements of the largest intermediate (particles × datapoints × decoder outputs) per chunk: 2^24 floats = 64 MiB.
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class Evaluation:
+    """Per-datapoint results of :func:`evaluate` (numpy float64, nats unless said otherwise).
+
+    Attributes:
+        elbo: ``(N,)`` ELBO per datapoint (mean of the log-weights).
+        log_px: ``(N,)`` IWAE estimate of log p(x) with ``num_samples`` samples.
+        reconstruction, kl: ``(N,)`` E_q log p(x | z) and E_q[log q(z|x) − log p(z)] (a ppvae.VAE only; else None).
+        log_weights: ``(N, S)`` float32, kept when asked (``keep_log_weights=True``).
+        data_dim: number of elements per datapoint (for bits/dim).
+        discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
+    """
+
+    elbo: np.ndarray
+    log_px: np.ndarray
+    num_samples: int
+    data_dim: int
+    discrete: bool | None
+    reconstruction: np.ndarray | None = None
+    kl: np.ndarray | None = None
+    log_weights: np.ndarray | None = field(default=None, repr=False)
+    split: str | None = None
+
+    @property
+    def inference_gap(self) -> np.ndarray:
+        """``(N,)`` log p̂(x) − ELBO: an estimate of KL(q(z|x) ‖ p(z|x)), nats."""
+        return self.log_px - self.elbo
+
+    @property
+    def bits_per_dim(self) -> np.ndarray | None:
+        """``(N,)`` −log₂ P̂(x) / D for discrete likelihoods; None for densities (not comparable)."""
+        if not self.discrete:
+            return None
+        return -self.log_px / (math.log(2) * self.data_dim)
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        """Indices of datapoints whose log-weights were NaN or infinite (reported, excluded from means)."""
+        return np.flatnonzero(~(np.isfinite(self.elbo) & np.isfinite(self.log_px)))
+
+    def summary(self) -> dict[str, Any]:
+        """Means with standard errors over datapoints (nats; bits/dim where discrete), and the estimator used."""
+        out: dict[str, Any] = {"num_datapoints": len(self.elbo), "num_samples": self.num_samples}
+        if self.split:
+            out["split"] = self.split
+        fields = {"elbo": self.elbo, "log_px": self.log_px, "inference_gap": self.inference_gap}
+        if self.reconstruction is not None and self.kl is not None:
+            fields.update(reconstruction=self.reconstruction, kl=self.kl)
+        if self.bits_per_dim is not None:
+            fields["bits_per_dim"] = self.bits_per_dim
+        ok = np.isfinite(self.elbo) & np.isfinite(self.log_px)
+        for name, values in fields.items():
+            mean, se = mean_se(values[ok])
+            out[name], out[f"{name}_se"] = mean, se
+        out["estimator"] = f"ELBO (mean of {self.num_samples} log-weights); log_px: IWAE_{self.num_samples}"
+        out["num_nonfinite"] = int((~ok).sum())
+        return out
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (sd / √n); NaN when empty."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
+def _vae_chunk(vae: Any, x: Tensor, num: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(lw, log p(x|z), log q − log p) each ``(B, num)`` for a ppvae.VAE, without tracing."""
+    q = vae.encode(x)
+    z = q.sample((num,))
+    log_lik = vae.decode(z).log_prob(x)
+    kl = q.log_prob(z) - vae.prior().log_prob(z)
+    return (log_lik - kl).T, log_lik.T, kl.T
+
+
+def iter_log_weights(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    data_plate: str = "data",
+    device: str | torch.device | None = "cpu",
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
+    """Yield ``(rows, lw, log_lik, kl)`` chunks: ``lw (B, S_chunk)`` for datapoints ``rows`` (CPU float32).
+
+    Chunks cover every datapoint (in order) and every particle; ``log_lik``/``kl`` are given for a ppvae.VAE.
+    """
+    model_fn, guide_fn, owner = resolve_pair(model, guide)
+    dev = _device(device)
+    if owner is not None:
+        owner.to(dev)
+    batches = make_batches(data, batch_size or 256, dev, shuffle=False, what="data", strict=False)
+    fast = has_fast_elbo(owner)
+    out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
+    nesting = None
+    start = 0
+    with torch.no_grad(), local_module_params() if owner is not None else nullcontext():
+        for batch in batches:
+            n = batches.batch_len(batch)
+            chunk = max(1, min(num_samples, _CHUNK_ELEMENTS // (n * max(out_size, 1))))
+            rows = slice(start, start + n)
+            for s0 in range(0, num_samples, chunk):
+                k = min(chunk, num_samples - s0)
+                if fast:
+                    lw, log_lik, kl = _vae_chunk(owner, batch[0], k)
+                    yield rows, lw.float().cpu(), log_lik.float().cpu(), kl.float().cpu()
+                else:
+                    if nesting is None:
+                        nesting = plate_nesting(model_fn, guide_fn, *batch)
+                    lw = log_weights(
+                        model_fn, guide_fn, *batch, num_samples=k, data_plate=data_plate, max_plate_nesting=nesting
+                    )
+                    yield rows, lw.float().cpu(), None, None
+            start += n
+
+
+def _data_dim(x: Tensor) -> int:
+    return int(np.prod(x.shape[1:])) if x.dim() > 1 else 1
+
+
+def evaluate(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    data_plate: str = "data",
+    seed: int | None = 0,
+    device: str | torch.device | None = "cpu",
+    keep_log_weights: bool = False,
+    discrete: bool | None = None,
+    split: str | None = None,
+) -> Evaluation:
+    """Score a model/guide pair on ``data`` by importance sampling with its guide as proposal.
+
+    Args:
+        model, guide, data: as for :func:`ppvae.fit` (a ppvae.VAE, a module with ``model``/``guide``, or a pair
+            of functions whose local latents live in the plate ``data_plate``).
+        num_samples: S importance samples per datapoint (≥ 2).
+        batch_size: datapoints per chunk (default 256; particles are chunked to bound memory).
+        keep_log_weights: keep the ``(N, S)`` float32 log-weights (needed by :func:`ppvae.diagnose`).
+        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; else False).
+        split: a label for reports ("test", "val").
+
+    Returns:
+        :class:`Evaluation`. A datapoint whose log-weights are NaN or infinite gets NaN/inf entries and is listed
+        in ``Evaluation.nonfinite`` instead of stopping the evaluation.
+    """
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
+        raise ConfigError(
+            f"num_samples must be an integer ≥ 2 (importance sampling needs several), got {num_samples!r}"
+        )
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    parts: dict[str, list[np.ndarray]] = {}
+    chunks = iter_log_weights(
+        model, data, guide=guide, num_samples=num_samples, batch_size=batch_size, data_plate=data_plate, device=device
+    )
+    # Chunks of one block of datapoints arrive together: join their particles, then reduce.
+    for _, group in itertools.groupby(chunks, key=lambda chunk: (chunk[0].start, chunk[0].stop)):
+        _, lws, log_liks, kls = zip(*group, strict=True)
+        lw = torch.cat(lws, 1).double()
+        out = {"elbo": lw.mean(1), "log_px": lw.logsumexp(1) - math.log(num_samples)}
+        if log_liks[0] is not None:
+            out["reconstruction"] = torch.cat(log_liks, 1).double().mean(1)
+            out["kl"] = torch.cat(kls, 1).double().mean(1)
+        if keep_log_weights:
+            out["log_weights"] = lw.float()
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value.numpy())
+    joined = {key: np.concatenate(values) for key, values in parts.items()}
+    owner = model if isinstance(model, torch.nn.Module) else None
+    likelihood = getattr(owner, "likelihood", None)
+    if discrete is None:
+        discrete = bool(getattr(likelihood, "discrete", False))
+    shape = getattr(owner, "data_shape", None)
+    data_dim = int(np.prod(shape)) if shape is not None else _first_dim(data)
+    return Evaluation(
+        elbo=joined["elbo"],
+        log_px=joined["log_px"],
+        num_samples=num_samples,
+        data_dim=data_dim,
+        discrete=discrete,
+        reconstruction=joined.get("reconstruction"),
+        kl=joined.get("kl"),
+        log_weights=joined.get("log_weights"),
+        split=split,
+    )
+
+
+def _first_dim(data: Any) -> int:
+    x = data[0] if isinstance(data, tuple) else data
+    shape = getattr(x, "shape", None)
+    return int(np.prod(shape[1:])) if shape is not None and len(shape) > 1 else 1
