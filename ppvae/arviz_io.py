@@ -22,7 +22,17 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.0 refactor on import
     import arviz as az
 
-__all__ = ["AZ_MAJOR", "psis", "khat_threshold", "ess", "rhat", "to_inference_data", "save_netcdf", "load_netcdf"]
+__all__ = [
+    "AZ_MAJOR",
+    "psis",
+    "khat_threshold",
+    "ess",
+    "rhat",
+    "compare",
+    "to_inference_data",
+    "save_netcdf",
+    "load_netcdf",
+]
 
 AZ_MAJOR = int(az.__version__.split(".")[0])
 
@@ -107,27 +117,133 @@ def _diagnostic(draws: np.ndarray, name: str, method: str) -> np.ndarray:
     return np.asarray(out).reshape(shape)
 
 
+def compare(pointwise: dict[str, np.ndarray], *, num_samples: int = 1) -> Any:
+    """Rank models by held-out per-datapoint log-scores with ArviZ's ``compare`` (paired standard errors).
+
+    Each model's ``(N,)`` scores (log p̂(x_i), IWAE_S, on the *same* N test points) are wrapped as pointwise ELPD
+    data, so ``elpd`` is Σ_i log p̂(x_i) and ``dse`` the standard error of the paired difference to the best model,
+    √N · sd_i(lp_best,i − lp_m,i) (Vehtari, Gelman & Gabry 2017). These are not LOO estimates: no refit is implied;
+    the "loo" label is ArviZ's container. ``az.loo`` on guide log-weights would be wrong for a VAE.
+
+    Args:
+        pointwise: model name → ``(N,)`` finite log-scores in nats, same datapoints in the same order.
+        num_samples: S behind each score (recorded only).
+
+    Returns:
+        ``pandas.DataFrame`` indexed by model, best first: ``rank``, ``elpd``, ``se``, ``elpd_diff``, ``dse``,
+        ``weight`` (stacking), as ArviZ computes them (sums over datapoints, nats).
+    """
+    if len(pointwise) < 2:
+        raise ValueError(f"compare needs at least two models, got {len(pointwise)}")
+    arrays = {name: np.asarray(v, dtype=np.float64).reshape(-1) for name, v in pointwise.items()}
+    sizes = {len(v) for v in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every model must be scored on the same datapoints; got sizes {sorted(sizes)}")
+    if not all(np.isfinite(v).all() for v in arrays.values()):
+        raise ValueError("pointwise scores must be finite; drop non-finite datapoints from every model first")
+    n = sizes.pop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
+            from arviz_stats import compare as az_compare
+            from arviz_stats.utils import ELPDData
+
+            elpds = {
+                name: ELPDData(
+                    kind="loo",
+                    elpd=float(v.sum()),
+                    se=float(math.sqrt(n) * v.std()),
+                    p=0.0,
+                    good_k=0.7,
+                    n_samples=num_samples,
+                    n_data_points=n,
+                    warning=False,
+                    scale="log",
+                    elpd_i=v,
+                    pareto_k=np.zeros(n),
+                )
+                for name, v in arrays.items()
+            }
+            table = az_compare(elpds)
+            return table.rename(columns={"elpd_loo": "elpd", "elpd": "elpd"})
+        import xarray as xr
+        from arviz.stats.stats_utils import ELPDData
+
+        elpds = {
+            name: ELPDData(
+                data=[
+                    float(v.sum()),
+                    float(math.sqrt(n) * v.std()),
+                    0.0,
+                    num_samples,
+                    n,
+                    False,
+                    xr.DataArray(v, dims=["datapoint"]),
+                    xr.DataArray(np.zeros(n), dims=["datapoint"]),
+                    "log",
+                    0.7,
+                ],
+                index=[
+                    "elpd_loo",
+                    "se",
+                    "p_loo",
+                    "n_samples",
+                    "n_data_points",
+                    "warning",
+                    "loo_i",
+                    "pareto_k",
+                    "scale",
+                    "good_k",
+                ],
+            )
+            for name, v in arrays.items()
+        }
+        table = az.compare(elpds, ic="loo", scale="log")
+    table = table.rename(columns={"elpd_loo": "elpd"})
+    return table[["rank", "elpd", "se", "elpd_diff", "dse", "weight"]]
+
+
 def to_inference_data(
     *,
     posterior: dict[str, np.ndarray] | None = None,
     sample_stats: dict[str, np.ndarray] | None = None,
+    per_datapoint: dict[str, np.ndarray] | None = None,
     groups: dict[str, dict[str, np.ndarray]] | None = None,
     dims: dict[str, list[str]] | None = None,
     attrs: dict[str, Any] | None = None,
 ) -> Any:
-    """Build an ArviZ ``InferenceData`` (0.2x) or ``DataTree`` (1.x) from arrays ``(chain, draw, *shape)``.
+    """Build an ArviZ ``InferenceData`` (0.2x) or ``DataTree`` (1.x).
 
-    ``groups`` adds further groups by name (for example ``"reference_posterior"`` for NUTS draws).
+    Args:
+        posterior, sample_stats: arrays ``(chain, draw, *shape)``; ``dims`` names the ``shape`` dims.
+        per_datapoint: ``(N,)`` arrays (k̂, ELBO, log p̂ per datapoint) stored in ``sample_stats`` on the dim
+            ``"datapoint"`` alone, without chain/draw dims (which would pad them with NaN next to ``(1, S, N)``
+            log-weights).
+        groups: further groups by name (for example ``"reference_posterior"`` for NUTS draws).
     """
     all_groups: dict[str, dict[str, np.ndarray]] = {}
     if posterior:
         all_groups["posterior"] = posterior
-    if sample_stats:
-        all_groups["sample_stats"] = sample_stats
+    if sample_stats or per_datapoint:
+        all_groups["sample_stats"] = sample_stats or {}
     all_groups.update(groups or {})
+    extra = {name: (("datapoint",), np.asarray(v)) for name, v in (per_datapoint or {}).items()}
     if AZ_MAJOR >= 1:  # pragma: no cover - served on Python ≥ 3.12
-        return az.from_dict(all_groups, dims=dims, attrs=attrs)
-    datasets = {name: az.dict_to_dataset(data, dims=dims, attrs=attrs) for name, data in all_groups.items()}
+        import xarray as xr
+
+        tree = az.from_dict({k: v for k, v in all_groups.items() if v}, dims=dims, attrs=attrs)
+        if extra:
+            base = tree["sample_stats"].to_dataset() if "sample_stats" in tree.children else xr.Dataset(attrs=attrs)
+            tree["sample_stats"] = xr.DataTree(base.assign(extra))
+        return tree
+    datasets = {
+        name: az.dict_to_dataset(data, dims=dims, attrs=attrs) if data else None for name, data in all_groups.items()
+    }
+    if extra:
+        import xarray as xr
+
+        base = datasets["sample_stats"] if datasets["sample_stats"] is not None else xr.Dataset(attrs=attrs or {})
+        datasets["sample_stats"] = base.assign(extra)
     return az.InferenceData(**datasets)
 
 

@@ -1,5 +1,5 @@
 """The ``ppvae`` command: a thin layer over the Python API (``ppvae.data.load``, ``ppvae.VAE``, ``ppvae.fit``,
-``ppvae.save``/``ppvae.load``).
+``ppvae.save``/``ppvae.load``, ``ppvae.evaluate``, ``ppvae.diagnose``).
 
 User errors print one line and exit with status 2, without a traceback.
 """
@@ -7,25 +7,29 @@ User errors print one line and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyro
 import torch
 
 from . import __version__, io
 from . import data as datamod
+from .cli_scoring import add_scoring_args, demo_diagnosis, diagnose_command, evaluate_command
 from .errors import ConfigError, PPVAEError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .objectives import OBJECTIVES
 from .priors import PRIORS
+from .runs import build_from_file, load_run, run_path
 from .train import fit
 from .vae import VAE
 
@@ -60,30 +64,6 @@ def _with_levels(spec: str | dict, levels: int | None) -> str | dict:
     return {"name": name, "kwargs": kwargs}
 
 
-def load_model_file(path: str | Path) -> Any:
-    """Import a model file (``models/x.py``) by path; it must define ``build(data_shape, latent_dim, **opts)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"ppvae_user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as err:  # a user's file: report its error in one line
-        raise ConfigError(f"cannot import model file {path}: {type(err).__name__}: {err}") from None
-    if not callable(getattr(module, "build", None)):
-        raise ConfigError(f"model file {path} must define build(data_shape, latent_dim) returning a model/guide module")
-    return module
-
-
-def _build_from_file(path: str | Path, data_shape: Sequence[int], latent_dim: int) -> Any:
-    module = load_model_file(path)
-    try:
-        return module.build(tuple(data_shape), latent_dim)
-    except Exception as err:  # a user's file: report its error in one line
-        raise ConfigError(f"build() in model file {path} failed: {type(err).__name__}: {err}") from None
-
-
 def default_likelihood(splits: datamod.DataSplits) -> str:
     """Bernoulli for binarized data; a Categorical over few grey levels (digits: 17); a discretized logistic
     over many (256: a Categorical would need 256 decoder outputs per pixel); a Normal for continuous data."""
@@ -92,26 +72,6 @@ def default_likelihood(splits: datamod.DataSplits) -> str:
     if splits.levels:
         return "categorical" if splits.levels <= 32 else "discretized-logistic"
     return "normal"
-
-
-def _run_path(run: str) -> Path:
-    path = Path(run)
-    return path / "model.pt" if path.is_dir() else path
-
-
-def _load_run(run: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model of a saved run (a VAE from config, a model file's module via its build function)."""
-    path = _run_path(run)
-    obj = io.read(path)
-    meta = obj.get("meta", {})
-    if obj.get("kind") == "vae":
-        return io.load(path), meta
-    if "model_file" in meta:
-        model = _build_from_file(meta["model_file"], meta["data_shape"], meta["latent_dim"])
-        return io.load(path, model=model), meta
-    raise ConfigError(
-        f"{path} holds a custom model without a model file; load it in Python with ppvae.load(path, model=...)"
-    )
 
 
 # `ppvae demo`: the README's main job. A small VAE on the embedded digits (17 grey levels, so a 17-level
@@ -186,8 +146,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="train a VAE (or a model file) on a dataset and save the run"))
     _add_train_args(
-        sub.add_parser("demo", help="train a VAE on the embedded digits data and print a summary"), demo=True
+        sub.add_parser(
+            "demo",
+            help="train a VAE on the embedded digits data, print a summary and a quick diagnosis of the test split "
+            "(saved in OUT/diagnosis)",
+        ),
+        demo=True,
     )
+    p = sub.add_parser(
+        "evaluate",
+        help="ELBO, IWAE log p(x), inference gap and bits/dim of a saved run on a split of its own dataset; "
+        "writes evaluation.json and evaluation.nc (per-datapoint values)",
+    )
+    add_scoring_args(p, "evaluation")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="datapoints per chunk; memory only (default %(default)s)"
+    )
+    p = sub.add_parser(
+        "diagnose",
+        help="how good is the guide: PSIS k-hat, IS ESS, posterior collapse, amortization/approximation gaps, "
+        "SBC and NUTS reference posteriors; writes diagnosis.json, diagnosis.nc and PNG plots",
+    )
+    add_scoring_args(p, "diagnosis")
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=2000,
+        help="use at most this many datapoints of the split (default %(default)s): evenly spaced rows (the split "
+        "is already a seeded shuffle); all when the split is smaller",
+    )
+    for flag, default, text in (
+        ("--no-gaps", None, "skip the amortization/approximation gaps"),
+        ("--gap-points", 100, "datapoints (seeded draw) for the gaps"),
+        ("--gap-steps", 300, "Adam steps of the per-datapoint guides"),
+        ("--no-sbc", None, "skip simulation-based calibration"),
+        ("--sbc-simulations", 500, "simulations for SBC, ≥ 10"),
+        ("--no-reference", None, "skip NUTS reference posteriors (the costliest part)"),
+        ("--reference-points", 3, "datapoints (evenly spaced) for NUTS"),
+        ("--reference-warmup", 500, "NUTS warm-up steps per chain, 2 chains"),
+        ("--reference-samples", 1000, "NUTS draws kept per chain"),
+    ):
+        if default is None:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=int, default=default, help=f"{text} (default %(default)s)")
     p = sub.add_parser("sample", help="draw new data from a saved run; a PNG grid for images")
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("-n", "--num", type=int, default=64)
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
+def _train(args: argparse.Namespace, *, demo: bool = False) -> tuple[dict, torch.nn.Module, datamod.DataSplits]:
     if demo:
         for key, value in DEMO.items():
             setattr(args, key, value)
@@ -213,8 +215,10 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
         "latent_dim": args.latent_dim,
         "seed": args.seed,
     }
+    # The initial weights come from torch's global RNG: seed it first, so one --seed reproduces the whole run.
+    pyro.set_rng_seed(args.seed)
     if args.model:
-        model = _build_from_file(args.model, splits.data_shape, args.latent_dim)
+        model = build_from_file(args.model, splits.data_shape, args.latent_dim)
         meta["model_file"] = str(Path(args.model).resolve())
     else:
         likelihood = args.likelihood or default_likelihood(splits)
@@ -255,7 +259,7 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if demo:
         summary["samples"] = str(write_samples(model, splits.data_shape, out / "samples.png", 64, args.seed))
-    return summary
+    return summary, model, splits
 
 
 @torch.no_grad()
@@ -312,7 +316,6 @@ def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, 
         from .plots import image_grid
 
         return image_grid(x.reshape(-1, *shape).float(), out)
-    import numpy as np
 
     out = out.with_suffix(".npy")
     np.save(out, x.numpy())
@@ -322,16 +325,16 @@ def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, 
 def _sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise ConfigError(f"--num must be ≥ 1, got {args.num}")
-    model, meta = _load_run(args.run)
-    out = Path(args.out) if args.out else _run_path(args.run).parent / "samples.png"
+    model, meta = load_run(args.run)
+    out = Path(args.out) if args.out else run_path(args.run).parent / "samples.png"
     written = write_samples(model, meta.get("data_shape", []), out, args.num, args.seed)
     print(f"wrote {args.num} samples to {written}")
 
 
 def _info(args: argparse.Namespace) -> None:
-    obj = io.read(_run_path(args.run))
+    obj = io.read(run_path(args.run))
     meta = obj.get("meta", {})
-    print(f"{_run_path(args.run)}: ppvae file v{obj['version']}, {obj.get('kind')} ({obj.get('class')})")
+    print(f"{run_path(args.run)}: ppvae file v{obj['version']}, {obj.get('kind')} ({obj.get('class')})")
     if obj.get("config"):
         cfg = obj["config"]
         for key in ("data_shape", "latent_dim", "prior", "likelihood", "guide", "encoder", "decoder"):
@@ -353,10 +356,26 @@ def _info(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+        print(f"ppvae {args.command}: {category.__name__}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning  # a warning is advice to a user: no source line
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command in ("train", "demo"):
-            summary = _train(args, demo=args.command == "demo")
+            summary, model, splits = _train(args, demo=args.command == "demo")
             _print_summary(summary, args.out)
+            if args.command == "demo":
+                demo_diagnosis(model, splits, Path(args.out), args.seed)
+        elif args.command == "evaluate":
+            evaluate_command(args)
+        elif args.command == "diagnose":
+            diagnose_command(args)
         elif args.command == "sample":
             _sample(args)
         elif args.command == "info":

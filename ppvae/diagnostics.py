@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,13 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable summary of every part."""
-        finite_k = self.khat[np.isfinite(self.khat)]
+        # NaN k̂ (non-finite weights) is counted apart; −inf (constant weights, an exact proposal) is a valid low
+        # value, so order statistics ("lower", no interpolation that −inf would turn into NaN) replace np.median.
+        valid = self.khat[~np.isnan(self.khat)]
         out: dict[str, Any] = {"evaluation": self.evaluation.summary()}
         out["psis"] = {
-            "khat_median": float(np.median(self.khat)) if len(self.khat) else math.nan,
-            "khat_p90": float(np.quantile(finite_k, 0.9)) if len(finite_k) else math.nan,
+            "khat_median": float(np.quantile(valid, 0.5, method="lower")) if len(valid) else math.nan,
+            "khat_p90": float(np.quantile(valid, 0.9, method="lower")) if len(valid) else math.nan,
             "khat_threshold": self.khat_threshold,
             "share_above_threshold": self.share_khat_above,
             "khat_nan": int(np.isnan(self.khat).sum()),
@@ -75,10 +78,10 @@ class Diagnosis:
         for name in ("collapse", "gaps", "sbc", "reference"):
             part = getattr(self, name)
             if part is not None:
-                out[name] = _jsonable(part.summary())
+                out[name] = jsonable(part.summary())
         out["skipped"] = dict(self.skipped)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
-        return out
+        return jsonable(out)
 
     def summary(self) -> str:
         """A readable table: diagnostic, value, and how to read it."""
@@ -88,6 +91,7 @@ class Diagnosis:
         """Rows ``(diagnostic, value, reading)``."""
         ev = self.evaluation.summary()
         d = self.to_dict()["psis"]
+        d.update({k: float(d[k]) if d[k] is not None else math.nan for k in ("khat_median", "khat_p90")})
         s = self.evaluation.num_samples
         rows = [
             ("ELBO", f"{ev['elbo']:.3f} ± {ev['elbo_se']:.3f} nats", "per datapoint, ± standard error"),
@@ -107,6 +111,10 @@ class Diagnosis:
             ),
             ("IS ESS/S median", f"{d['ess_per_sample_median']:.3f}", "< 0.1 poor"),
         ]
+        if d["khat_nan"]:
+            rows.append(("k̂ not computed", f"{d['khat_nan']} datapoints", "non-finite log-weights (see nonfinite)"))
+        if ev["num_nonfinite"]:
+            rows.insert(0, ("non-finite datapoints", str(ev["num_nonfinite"]), "left out of every mean below"))
         if self.collapse is not None:
             c = self.collapse.summary()
             rows.append(("active units", f"{c['active_units']} / {c['latent_dim']}", "Var_x E_q[z_d] > 0.01"))
@@ -138,29 +146,30 @@ class Diagnosis:
         return rows
 
     def to_inference_data(self) -> Any:
-        """ArviZ InferenceData: log-weights and k̂ in sample_stats; NUTS draws in ``reference_posterior``."""
-        stats: dict[str, np.ndarray] = {
-            "khat": self.khat[None, None],
-            "ess_per_sample": self.ess_per_sample[None, None],
-            "elbo": self.evaluation.elbo[None, None],
-            "log_px": self.evaluation.log_px[None, None],
-        }
+        """ArviZ InferenceData.
+
+        ``sample_stats``: ``log_weights (chain=1, draw=S, datapoint)`` and, per datapoint only, ``khat``,
+        ``ess_per_sample``, ``elbo``, ``log_px``, ``inference_gap`` (and ``reconstruction``, ``kl``, ``bits_per_dim``
+        where defined); ``posterior``: guide draws ``z (chain=1, draw=L, reference_point, latent)`` of the NUTS
+        datapoints; ``reference_posterior``: NUTS draws ``z (chain, draw, reference_point, latent)``.
+        """
+        stats: dict[str, np.ndarray] = {}
         if self.evaluation.log_weights is not None:
-            stats["log_weights"] = self.evaluation.log_weights.T[None]  # (chain, draw=S, datapoint)
+            stats["log_weights"] = self.evaluation.log_weights.T[None]  # (chain = 1, draw = S, datapoint)
+        per_point = self.evaluation.per_datapoint() | {"khat": self.khat, "ess_per_sample": self.ess_per_sample}
         groups: dict[str, dict[str, np.ndarray]] = {}
         posterior = None
         if self.reference is not None:
             ref = self.reference
             groups["reference_posterior"] = {"z": np.moveaxis(ref.draws, 0, 2)}  # (chain, draw, point, D)
             posterior = {"z": ref.guide_draws.transpose(1, 0, 2)[None]}  # guide draws (1, L, point, D)
-        per_point = ["datapoint"]
-        dims = {name: per_point for name in stats} | {"z": ["reference_point", "latent"]}
         return arviz_io.to_inference_data(
-            dims=dims,
+            dims={"log_weights": ["datapoint"], "z": ["reference_point", "latent"]},
             posterior=posterior,
             sample_stats=stats,
+            per_datapoint=per_point,
             groups=groups,
-            attrs={"num_samples": self.evaluation.num_samples},
+            attrs=self.evaluation.attrs() | {"khat_threshold": self.khat_threshold},
         )
 
     def save(self, directory: str | Path) -> dict[str, Path]:
@@ -188,15 +197,19 @@ def _pm(summary: dict, key: str) -> str:
     return f"{summary[key]:.3f} ± {summary[key + '_se']:.3f} nats"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy types as Python ones and non-finite floats made strict-JSON safe."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        # Strict JSON has no NaN/Infinity: NaN (not computed) becomes null, ±inf the strings "inf"/"-inf".
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
 
 
@@ -245,6 +258,12 @@ def diagnose(
         in ``Diagnosis.skipped`` with the reason.
     """
     t0 = time.perf_counter()
+    if isinstance(num_samples, int) and 2 <= num_samples < 100:
+        warnings.warn(
+            f"num_samples={num_samples} is too few for a Pareto tail fit: PSIS k̂ is noisy below S = 100 and "
+            "not computed (inf) below S ≈ 25; use num_samples ≥ 1000 for k̂ you can act on",
+            stacklevel=2,
+        )
     evaluation = evaluate(
         model,
         data,

@@ -33,8 +33,10 @@ from .train import _device, resolve_pair
 
 __all__ = ["Evaluation", "evaluate", "iter_log_weights"]
 
-# Elements of the largest intermediate (particles × datapoints × decoder outputs) per chunk: 2^24 floats = 64 MiB.
-_CHUNK_ELEMENTS = 2**24
+# Elements of the largest intermediate (particles × datapoints × decoder outputs) per chunk: 2^22 floats = 16 MiB.
+# Below glibc's 32 MiB mmap ceiling, freed intermediates are reused from the heap; at 2^24 every one of the
+# likelihood's temporaries was a fresh mmap faulted in page by page (benchmarks/RESULTS.md, issue 3).
+_CHUNK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -77,6 +79,40 @@ class Evaluation:
         """Indices of datapoints whose log-weights were NaN or infinite (reported, excluded from means)."""
         return np.flatnonzero(~(np.isfinite(self.elbo) & np.isfinite(self.log_px)))
 
+    def per_datapoint(self) -> dict[str, np.ndarray]:
+        """Every ``(N,)`` array by name (those defined for this model)."""
+        values = {
+            "elbo": self.elbo,
+            "log_px": self.log_px,
+            "inference_gap": self.inference_gap,
+            "reconstruction": self.reconstruction,
+            "kl": self.kl,
+            "bits_per_dim": self.bits_per_dim,
+        }
+        return {name: v for name, v in values.items() if v is not None}
+
+    def attrs(self) -> dict[str, Any]:
+        """What produced the numbers, for file metadata."""
+        return {
+            "num_samples": self.num_samples,
+            "split": self.split or "",
+            "estimator": f"elbo: mean of {self.num_samples} log-weights; log_px: IWAE_{self.num_samples}",
+            "units": "nats; bits_per_dim in bits per dimension",
+        }
+
+    def to_inference_data(self) -> Any:
+        """ArviZ InferenceData with the per-datapoint arrays in ``sample_stats`` (dim ``datapoint``), and the
+        log-weights ``(chain=1, draw=S, datapoint)`` when kept."""
+        from . import arviz_io
+
+        stats = {} if self.log_weights is None else {"log_weights": self.log_weights.T[None]}
+        return arviz_io.to_inference_data(
+            sample_stats=stats,
+            per_datapoint=self.per_datapoint(),
+            dims={"log_weights": ["datapoint"]},
+            attrs=self.attrs(),
+        )
+
     def summary(self) -> dict[str, Any]:
         """Means with standard errors over datapoints (nats; bits/dim where discrete), and the estimator used."""
         out: dict[str, Any] = {"num_datapoints": len(self.elbo), "num_samples": self.num_samples}
@@ -104,12 +140,14 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
 
 
-def _vae_chunk(vae: Any, x: Tensor, num: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(lw, log p(x|z), log q − log p) each ``(B, num)`` for a ppvae.VAE, without tracing."""
-    q = vae.encode(x)
+def _vae_chunk(vae: Any, q: Any, prior: Any, x: Tensor, num: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(lw, log p(x|z), log q − log p) each ``(B, num)`` for a ppvae.VAE, without tracing.
+
+    ``q = vae.encode(x)`` and ``prior = vae.prior()`` are built once per batch and shared by its particle chunks.
+    """
     z = q.sample((num,))
     log_lik = vae.decode(z).log_prob(x)
-    kl = q.log_prob(z) - vae.prior().log_prob(z)
+    kl = q.log_prob(z) - prior.log_prob(z)
     return (log_lik - kl).T, log_lik.T, kl.T
 
 
@@ -141,10 +179,12 @@ def iter_log_weights(
             n = batches.batch_len(batch)
             chunk = max(1, min(num_samples, _CHUNK_ELEMENTS // (n * max(out_size, 1))))
             rows = slice(start, start + n)
+            if fast:  # the guide and prior distributions do not depend on the particles: build them once
+                q, prior = owner.encode(batch[0]), owner.prior()
             for s0 in range(0, num_samples, chunk):
                 k = min(chunk, num_samples - s0)
                 if fast:
-                    lw, log_lik, kl = _vae_chunk(owner, batch[0], k)
+                    lw, log_lik, kl = _vae_chunk(owner, q, prior, batch[0], k)
                     yield rows, lw.float().cpu(), log_lik.float().cpu(), kl.float().cpu()
                 else:
                     if nesting is None:

@@ -6,8 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ppvae import io
+from ppvae.arviz_io import load_netcdf
 from ppvae.cli import main, parse_block
 
 
@@ -111,3 +113,134 @@ def test_console_script_runs(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
+
+
+# --- evaluate / diagnose / demo diagnostics ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A small VAE trained for one epoch on digits (17-level Categorical: bits/dim apply)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    tiny = ["--encoder", "mlp:hidden=[32]", "--decoder", "mlp:hidden=[32]", "--latent-dim", "2"]
+    assert main(["train", "--epochs", "1", *tiny, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_evaluate_prints_report_and_writes_json_and_netcdf(tiny_run, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_run), "--num-samples", "20"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("test split: N = 180", "ELBO", "log p̂(x) (IWAE_20)", "inference gap", "KL", "bits/dim", "non-finite"):
+        assert text in printed
+    out = tiny_run / "evaluation"  # the default
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["split"] == "test" and summary["num_datapoints"] == 180 and summary["num_nonfinite"] == 0
+    assert summary["dataset"] == "digits" and summary["num_samples"] == 20
+    # IWAE ≥ ELBO datapoint by datapoint (log-mean-exp ≥ mean), so the gap is positive; bits/dim from log p̂.
+    assert summary["log_px"] > summary["elbo"] and summary["inference_gap"] > 0
+    assert summary["bits_per_dim"] == pytest.approx(-summary["log_px"] / (np.log(2) * 64))
+    assert summary["elbo"] == pytest.approx(summary["reconstruction"] - summary["kl"])
+    stats = load_netcdf(out / "evaluation.nc").sample_stats
+    assert stats["elbo"].shape == (180,) and stats.attrs["split"] == "test" and stats.attrs["dataset"] == "digits"
+    assert float(stats["log_px"].mean()) == pytest.approx(summary["log_px"])
+    assert f"{summary['elbo']:.3f}" in printed
+
+
+def test_evaluate_other_split_and_out(tiny_run, tmp_path, capsys):
+    assert (
+        main(["evaluate", str(tiny_run / "model.pt"), "--split", "train", "--num-samples", "5", "--out", str(tmp_path)])
+        == 0
+    )
+    assert "train split: N = 1437" in capsys.readouterr().out
+    assert json.loads((tmp_path / "evaluation.json").read_text())["num_datapoints"] == 1437
+
+
+def test_diagnose_every_part_on_a_subset(tiny_run, tmp_path, capsys):
+    argv = ["diagnose", str(tiny_run), "--num-samples", "100", "--max-points", "30", "--out", str(tmp_path)]
+    argv += ["--gap-points", "4", "--gap-steps", "5", "--sbc-simulations", "20"]
+    argv += ["--reference-points", "1", "--reference-warmup", "5", "--reference-samples", "10"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for text in ("30 evenly spaced rows of 180", "PSIS k̂", "active units", "amortization gap", "SBC", "NUTS", "wrote"):
+        assert text in printed
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"diagnosis.json", "diagnosis.nc", "khat.png", "kl_per_dim.png", "sbc.png", "reference.png"}
+    record = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert record["source"]["split_size"] == 180 and record["evaluation"]["num_datapoints"] == 30
+    assert record["skipped"] == {} and {"gaps", "sbc", "reference", "collapse"} <= set(record)
+    khat = load_netcdf(tmp_path / "diagnosis.nc").sample_stats["khat"].values  # (datapoint,)
+    assert khat.shape == (30,) and np.isfinite(khat).any()
+
+
+def test_diagnose_default_out_and_disabled_parts(tiny_run, capsys):
+    argv = ["diagnose", str(tiny_run), "--num-samples", "10", "--no-gaps", "--no-sbc", "--no-reference"]
+    assert main(argv) == 0
+    assert "180 datapoints (all)" in capsys.readouterr().out
+    record = json.loads((tiny_run / "diagnosis" / "diagnosis.json").read_text())
+    assert not {"gaps", "sbc", "reference"} & set(record) and record["source"]["rows"] == "all"
+
+
+def test_model_file_run_evaluates_and_diagnoses(tmp_path, capsys):
+    run = tmp_path / "fa"
+    train = ["train", "--model", "models/factor_analysis.py", "--dataset", "linear-gaussian", "--latent-dim", "2"]
+    assert main([*train, "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "n/a" in printed and "reconstruction" not in printed  # a density, and not a ppvae.VAE
+    argv = ["diagnose", str(run), "--num-samples", "10", "--sbc-simulations", "10", "--no-reference"]
+    assert main(argv) == 0
+    assert "skipped" in capsys.readouterr().out
+    record = json.loads((run / "diagnosis" / "diagnosis.json").read_text())
+    assert set(record["skipped"]) == {"collapse", "gaps"} and "sbc" in record
+
+
+def test_demo_ends_with_diagnostics(tmp_path, capsys, monkeypatch):
+    from ppvae import cli_scoring
+
+    cheap = dict(cli_scoring.DEMO_DIAGNOSE, num_samples=10, gaps=False, reference=False, sbc_simulations=10)
+    monkeypatch.setattr(cli_scoring, "DEMO_DIAGNOSE", cheap)
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("test ELBO") < printed.index("PSIS k̂") and "SBC p-value" in printed
+    assert json.loads((tmp_path / "diagnosis" / "diagnosis.json").read_text())["source"]["split"] == "test"
+    assert (tmp_path / "diagnosis" / "khat.png").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "diagnose"])
+@pytest.mark.parametrize(
+    "case,extra,match",
+    [
+        ("missing", [], "no such file"),
+        ("corrupt", [], "cannot read"),
+        ("no-dataset", [], "records no dataset"),
+        ("good", ["--num-samples", "1"], "--num-samples must be ≥ 2, got 1"),
+    ],
+)
+def test_scoring_user_errors_exit_2_with_one_line(tiny_run, tmp_path, capsys, command, case, extra, match):
+    run = {"missing": tmp_path / "nope", "good": tiny_run}.get(case, tmp_path / "model.pt")
+    if case == "corrupt":
+        run.write_bytes((tiny_run / "model.pt").read_bytes()[:2000])  # truncated
+    if case == "no-dataset":
+        io.save(io.load(tiny_run / "model.pt"), run)  # saved from Python: no dataset recorded
+    capsys.readouterr()
+    assert main([command, str(run), *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"ppvae {command}: error:") and match in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_scoring_out_must_be_a_directory(tiny_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["evaluate", str(tiny_run), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_same_seed_trains_the_same_weights(tmp_path):
+    """--seed covers the initial weights too (they are drawn before fit seeds its own loop)."""
+    for name in ("a", "b"):
+        args = ["train", "--dataset", "digits", "--epochs", "1", "--latent-dim", "2", "--no-progress", "--out"]
+        assert main([*args, str(tmp_path / name)]) == 0
+    a, b = (io.read(tmp_path / name / "model.pt")["state_dict"] for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,56 @@
+"""The ArviZ layer: model comparison with paired standard errors, InferenceData layout, NetCDF round trip."""
+
+import numpy as np
+import pytest
+
+from ppvae import arviz_io
+
+
+def test_compare_gives_paired_differences_and_standard_errors():
+    rng = np.random.default_rng(0)
+    a = rng.normal(-90.0, 5.0, size=300)  # per-datapoint log p̂ of three models on the same test points
+    b = a - 0.2 + 0.1 * rng.normal(size=300)  # slightly worse, almost perfectly paired
+    c = a - 0.1 + 3.0 * rng.normal(size=300)  # close on average, unpaired noise
+    table = arviz_io.compare({"a": a, "b": b, "c": c})
+    assert list(table.index) == ["a", "c", "b"] and list(table["rank"]) == [0, 1, 2]
+    assert table.loc["a", "elpd"] == pytest.approx(a.sum())
+    assert table.loc["b", "elpd_diff"] == pytest.approx((a - b).sum())
+    # Paired: the se of the difference is far below the models' own se (between-datapoint spread cancels).
+    assert table.loc["b", "dse"] == pytest.approx(np.sqrt(300) * np.std(a - b), rel=0.01)
+    assert table.loc["b", "dse"] < 0.05 * table.loc["b", "se"]
+    assert table.loc["c", "dse"] == pytest.approx(np.sqrt(300) * np.std(a - c), rel=0.01)
+    assert table.loc["a", "dse"] == 0.0
+
+
+def test_compare_refuses_different_test_points_and_nonfinite_scores():
+    with pytest.raises(ValueError, match="same datapoints"):
+        arviz_io.compare({"a": np.zeros(3), "b": np.zeros(4)})
+    with pytest.raises(ValueError, match="finite"):
+        arviz_io.compare({"a": np.zeros(3), "b": np.array([0.0, np.nan, 0.0])})
+    with pytest.raises(ValueError, match="two models"):
+        arviz_io.compare({"a": np.zeros(3)})
+
+
+def test_per_datapoint_values_are_not_padded_next_to_log_weights(tmp_path):
+    lw = np.random.default_rng(1).normal(size=(1, 50, 7))  # (chain, draw = S, datapoint)
+    idata = arviz_io.to_inference_data(
+        sample_stats={"log_weights": lw},
+        per_datapoint={"khat": np.linspace(0, 1, 7)},
+        dims={"log_weights": ["datapoint"]},
+        attrs={"num_samples": 50},
+    )
+    path = arviz_io.save_netcdf(idata, tmp_path / "sub" / "x.nc")
+    back = arviz_io.load_netcdf(path)
+    assert back.sample_stats["khat"].dims == ("datapoint",)
+    np.testing.assert_array_equal(back.sample_stats["khat"].values, np.linspace(0, 1, 7))
+    np.testing.assert_allclose(back.sample_stats["log_weights"].values, lw)
+    assert back.sample_stats.attrs["num_samples"] == 50
+
+
+def test_rhat_and_ess_of_independent_chains():
+    draws = np.random.default_rng(2).normal(size=(4, 1000, 3))
+    assert np.all(np.abs(arviz_io.rhat(draws) - 1) < 0.01)
+    assert np.all(arviz_io.ess(draws) > 3000)
+    stuck = draws.copy()
+    stuck[0] += 3.0  # one chain elsewhere
+    assert np.all(arviz_io.rhat(stuck) > 1.1)
