@@ -154,6 +154,10 @@ def _report_diagnosis(diagnosis: Diagnosis, out: Path, source: dict) -> None:
         f"diagnosed {source['run']} on {source['dataset']}, {source['split']} split: {len(diagnosis.khat)} "
         f"datapoints ({source['rows']}), S = {diagnosis.evaluation.num_samples} importance samples ({total:.1f} s)"
     )
+    findings = diagnosis.findings()
+    if findings:
+        print("findings:")
+        print("\n".join(f"- {f}" for f in findings))
     print(format_table([("diagnostic", "value", "how to read it"), *diagnosis.table()]))
     times = ", ".join(f"{k} {v:.1f} s" for k, v in diagnosis.seconds.items())
     print(f"time: {times}")

@@ -79,13 +79,21 @@ class Diagnosis:
             part = getattr(self, name)
             if part is not None:
                 out[name] = jsonable(part.summary())
+        out["findings"] = self.findings()
         out["skipped"] = dict(self.skipped)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         return jsonable(out)
 
+    def findings(self) -> list[str]:
+        """What the numbers say, most consequential first, in sentences (:func:`ppvae.findings.findings`)."""
+        from .findings import findings
+
+        return findings(self)
+
     def summary(self) -> str:
-        """A readable table: diagnostic, value, and how to read it."""
-        return format_table(self.table())
+        """The findings, then a readable table: diagnostic, value, and how to read it."""
+        lines = [f"- {f}" for f in self.findings()]
+        return "\n".join([*lines, format_table(self.table())])
 
     def table(self) -> list[tuple[str, str, str]]:
         """Rows ``(diagnostic, value, reading)``."""
@@ -133,7 +141,8 @@ class Diagnosis:
             rows.append(("approximation gap", _pm(g, "approximation"), "log p̂ − L[q*]: family weakness"))
         if self.sbc is not None:
             p = self.sbc.p_value()
-            rows.append(("SBC p-value", f"{p:.3g}", "calibrated" if p > 0.01 else "miscalibrated (p ≤ 0.01)"))
+            shown = "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # a χ² tail probability can underflow to 0
+            rows.append(("SBC p-value", shown, "calibrated" if p > 0.01 else "miscalibrated (p ≤ 0.01)"))
         if self.reference is not None:
             r = self.reference
             rows.append(("NUTS reference R-hat max", f"{np.nanmax(r.rhat):.3f}", "< 1.01 converged"))
