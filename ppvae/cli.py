@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 import warnings
@@ -23,120 +22,58 @@ import torch
 
 from . import __version__, io
 from . import data as datamod
-from .cli_scoring import add_scoring_args, demo_diagnosis, diagnose_command, evaluate_command
+from .cli_compare import add_compare_args, add_demo_args, compare_command, demo_command
+from .cli_scoring import add_scoring_args, diagnose_command, evaluate_command
 from .errors import ConfigError, PPVAEError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .objectives import OBJECTIVES
 from .priors import PRIORS
 from .runs import build_from_file, load_run, run_path
+from .specs import default_likelihood, parse_block, with_levels
 from .train import fit
 from .vae import VAE
 
 __all__ = ["main"]
 
 
-def parse_block(text: str) -> str | dict:
-    """``"normal"`` → ``"normal"``; ``"normal:scale=learned,x=2"`` → ``{"name": "normal", "kwargs": {...}}``."""
-    name, _, opts = text.partition(":")
-    if not opts:
-        return name
-    kwargs: dict[str, Any] = {}
-    # Split at commas that start a new key=, so list values like hidden=[32,16] stay whole.
-    for item in re.split(r",(?=[A-Za-z_][\w-]*=)", opts):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"cannot read option {item!r} in {text!r}; write name:key=value,key=value")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return {"name": name, "kwargs": kwargs}
-
-
-def _with_levels(spec: str | dict, levels: int | None) -> str | dict:
-    """Give 256-level likelihoods the data's number of grey levels unless the user chose one."""
-    name = spec if isinstance(spec, str) else spec["name"]
-    if levels is None or name not in ("categorical", "discretized-logistic"):
-        return spec
-    kwargs = {} if isinstance(spec, str) else dict(spec.get("kwargs", {}))
-    kwargs.setdefault("levels", levels)
-    return {"name": name, "kwargs": kwargs}
-
-
-def default_likelihood(splits: datamod.DataSplits) -> str:
-    """Bernoulli for binarized data; a Categorical over few grey levels (digits: 17); a discretized logistic
-    over many (256: a Categorical would need 256 decoder outputs per pixel); a Normal for continuous data."""
-    if splits.binarize:
-        return "bernoulli"
-    if splits.levels:
-        return "categorical" if splits.levels <= 32 else "discretized-logistic"
-    return "normal"
-
-
-# `ppvae demo`: the README's main job. A small VAE on the embedded digits (17 grey levels, so a 17-level
-# Categorical gives exact probabilities), early-stopped on the validation ELBO.
-DEMO = {
-    "dataset": "digits",
-    "model": None,
-    "prior": "normal",
-    "likelihood": "categorical",
-    "guide": "normal",
-    "encoder": "mlp:hidden=[256]",
-    "decoder": "mlp:hidden=[256]",
-    "latent_dim": 8,
-    "binarize": None,
-    "objective": "elbo",
-    "num_particles": 1,
-    "beta": 1.0,
-    "kl_warmup": 0.0,
-    "patience": 10,
-    "clip_norm": None,
-    "device": "auto",
-    "resume": False,
-}
-
-
-def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    if not demo:
-        p.add_argument(
-            "--dataset",
-            default="digits",
-            help="digits (embedded), fashion-mnist, mnist, linear-gaussian, or a .npy/.npz/.csv file",
-        )
-        p.add_argument(
-            "--model",
-            default=None,
-            help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim); "
-            "replaces --prior/--likelihood/--guide/--encoder/--decoder",
-        )
-        p.add_argument(
-            "--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value"
-        )
-        p.add_argument(
-            "--likelihood",
-            default=None,
-            help=f"one of {', '.join(LIKELIHOODS.names())} (default: bernoulli for binarized data, "
-            "categorical for grey levels, normal otherwise)",
-        )
-        p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
-        p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
-        p.add_argument("--decoder", default="mlp", help="mlp or conv")
-        p.add_argument("--latent-dim", type=int, default=16)
-        p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
-        p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
-        p.add_argument("--num-particles", type=int, default=1)
-        p.add_argument("--beta", type=float, default=1.0)
-        p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
-        p.add_argument("--patience", type=int, default=None)
-        p.add_argument("--clip-norm", type=float, default=None)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    p.add_argument("--epochs", type=int, default=100 if demo else 20)
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded), fashion-mnist, mnist, linear-gaussian, or a .npy/.npz/.csv file",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim); "
+        "replaces --prior/--likelihood/--guide/--encoder/--decoder",
+    )
+    p.add_argument("--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value")
+    p.add_argument(
+        "--likelihood",
+        default=None,
+        help=f"one of {', '.join(LIKELIHOODS.names())} (default: bernoulli for binarized data, "
+        "categorical for grey levels, normal otherwise)",
+    )
+    p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
+    p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
+    p.add_argument("--decoder", default="mlp", help="mlp or conv")
+    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
+    p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
+    p.add_argument("--num-particles", type=int, default=1)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--clip-norm", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run directory to write")
+    p.add_argument("--out", default="runs/train", help="run directory to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -145,13 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ppvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="train a VAE (or a model file) on a dataset and save the run"))
-    _add_train_args(
+    add_demo_args(
         sub.add_parser(
             "demo",
-            help="train a VAE on the embedded digits data, print a summary and a quick diagnosis of the test split "
-            "(saved in OUT/diagnosis)",
-        ),
-        demo=True,
+            help="compare 2 priors × 2 likelihoods × 2 guides on the embedded digits data: verdict, table and an "
+            "HTML report in OUT; the best cell is saved as a run (OUT/model.pt)",
+        )
     )
     p = sub.add_parser(
         "evaluate",
@@ -190,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", help=text)
         else:
             p.add_argument(flag, type=int, default=default, help=f"{text} (default %(default)s)")
+    add_compare_args(
+        sub.add_parser(
+            "compare",
+            help="train and score a grid of priors × likelihoods × guides on one dataset; a ranked table "
+            "(CSV, markdown), figures and a self-contained HTML report; finished cells are cached in OUT",
+        )
+    )
     p = sub.add_parser("sample", help="draw new data from a saved run; a PNG grid for images")
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("-n", "--num", type=int, default=64)
@@ -200,10 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, *, demo: bool = False) -> tuple[dict, torch.nn.Module, datamod.DataSplits]:
-    if demo:
-        for key, value in DEMO.items():
-            setattr(args, key, value)
+def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.DataSplits]:
     splits = datamod.load(args.dataset, binarize=args.binarize, seed=args.seed)
     out = Path(args.out)  # created by fit once the data and model are known to be good: nothing half-written
     meta: dict[str, Any] = {
@@ -226,7 +166,7 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> tuple[dict, torch
             splits.data_shape,
             args.latent_dim,
             prior=parse_block(args.prior),
-            likelihood=_with_levels(parse_block(likelihood), splits.levels),
+            likelihood=with_levels(parse_block(likelihood), splits.levels),
             guide=parse_block(args.guide),
             encoder=parse_block(args.encoder),
             decoder=parse_block(args.decoder),
@@ -257,8 +197,6 @@ def _train(args: argparse.Namespace, *, demo: bool = False) -> tuple[dict, torch
     meta.update(history=result.history, summary=summary)
     io.save(model, out / "model.pt", meta=meta, optimizer=result.optimizer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if demo:
-        summary["samples"] = str(write_samples(model, splits.data_shape, out / "samples.png", 64, args.seed))
     return summary, model, splits
 
 
@@ -367,11 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        if args.command in ("train", "demo"):
-            summary, model, splits = _train(args, demo=args.command == "demo")
+        if args.command == "train":
+            summary, _, _ = _train(args)
             _print_summary(summary, args.out)
-            if args.command == "demo":
-                demo_diagnosis(model, splits, Path(args.out), args.seed)
+        elif args.command == "demo":
+            demo_command(args)
+        elif args.command == "compare":
+            compare_command(args)
         elif args.command == "evaluate":
             evaluate_command(args)
         elif args.command == "diagnose":

@@ -1,4 +1,4 @@
-"""``ppvae evaluate``, ``ppvae diagnose`` and the diagnostics ``ppvae demo`` ends with: the command-line side of
+"""``ppvae evaluate`` and ``ppvae diagnose``: the command-line side of
 :func:`ppvae.evaluate` and :func:`ppvae.diagnose` (reports printed, JSON, NetCDF and PNGs written)."""
 
 from __future__ import annotations
@@ -7,32 +7,17 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import arviz_io
-from . import data as datamod
 from .diagnostics import Diagnosis, diagnose, format_table, jsonable
 from .errors import ConfigError
 from .evaluate import evaluate
 from .runs import load_run, run_path, split_data
 
-__all__ = ["DEMO_DIAGNOSE", "add_scoring_args", "evaluate_command", "diagnose_command", "demo_diagnosis"]
-
-# The diagnostics `ppvae demo` ends with, on the test split: cheap settings, well under a minute on 2 CPU cores.
-# NUTS and the gaps are most of it; 200 + 200 NUTS steps per chain is a quick reference (the demo says "quick
-# settings" and the table shows the R-hat; `ppvae diagnose RUN` runs 500 + 1000).
-DEMO_DIAGNOSE: dict[str, Any] = {
-    "num_samples": 500,
-    "num_gap_points": 50,
-    "gap_steps": 150,
-    "sbc_simulations": 200,
-    "num_reference_points": 2,
-    "reference_warmup": 200,
-    "reference_samples": 200,
-}
+__all__ = ["add_scoring_args", "evaluate_command", "diagnose_command"]
 
 
 def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -162,11 +147,3 @@ def _report_diagnosis(diagnosis: Diagnosis, out: Path, source: dict) -> None:
     times = ", ".join(f"{k} {v:.1f} s" for k, v in diagnosis.seconds.items())
     print(f"time: {times}")
     print(f"wrote {out}/: " + ", ".join(p.name for p in paths.values()))
-
-
-def demo_diagnosis(model: torch.nn.Module, splits: datamod.DataSplits, out: Path, seed: int) -> None:
-    print(f"\ndiagnosing the trained model on the test split, quick settings (ppvae diagnose {out} for more) ...")
-    diagnosis = diagnose(model, splits.test, split="test", seed=seed, **DEMO_DIAGNOSE)
-    n = len(splits.test)
-    source = {"run": str(out / "model.pt"), "dataset": splits.name, "split": "test", "split_size": n, "rows": "all"}
-    _report_diagnosis(diagnosis, out / "diagnosis", source)

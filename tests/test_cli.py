@@ -1,16 +1,19 @@
 """The ppvae command end to end, and its one-line errors (exit 2, no traceback)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from ppvae import io
 from ppvae.arviz_io import load_netcdf
-from ppvae.cli import main, parse_block
+from ppvae.cli import main
+from ppvae.specs import parse_block
 
 
 def test_parse_block():
@@ -195,16 +198,30 @@ def test_model_file_run_evaluates_and_diagnoses(tmp_path, capsys):
     assert set(record["skipped"]) == {"collapse", "gaps"} and "sbc" in record
 
 
-def test_demo_ends_with_diagnostics(tmp_path, capsys, monkeypatch):
-    from ppvae import cli_scoring
+def test_demo_runs_the_grid_writes_the_report_and_saves_the_best_run(tmp_path, capsys, monkeypatch):
+    from ppvae import cli_compare
 
-    cheap = dict(cli_scoring.DEMO_DIAGNOSE, num_samples=10, gaps=False, reference=False, sbc_simulations=10)
-    monkeypatch.setattr(cli_scoring, "DEMO_DIAGNOSE", cheap)
-    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    cheap = dataclasses.replace(
+        cli_compare.DEMO_SETTINGS,
+        latent_dim=2,
+        encoder={"name": "mlp", "kwargs": {"hidden": [16]}},
+        decoder={"name": "mlp", "kwargs": {"hidden": [16]}},
+        num_samples=30,
+        max_test_points=30,
+        diagnose={"gaps": False, "reference": False, "sbc_simulations": 10},
+    )
+    monkeypatch.setattr(cli_compare, "DEMO_SETTINGS", cheap)
+    assert main(["demo", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert printed.index("test ELBO") < printed.index("PSIS k̂") and "SBC p-value" in printed
-    assert json.loads((tmp_path / "diagnosis" / "diagnosis.json").read_text())["source"]["split"] == "test"
-    assert (tmp_path / "diagnosis" / "khat.png").exists()
+    assert printed.index("verdict:") < printed.index("Best model") < printed.index("bits_per_dim")
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert len(table) == 8 and set(table["status"]) == {"ok"} and sorted(table["rank"]) == list(range(1, 9))
+    assert {c.split(" · ")[0] for c in table["cell"]} == {"normal", "mixture"}
+    assert "<img" in (tmp_path / "report.html").read_text()
+    # The best cell is a run: ppvae diagnose works on it.
+    assert main(["diagnose", str(tmp_path), "--num-samples", "10", "--no-gaps", "--no-reference", "--no-sbc",
+                 "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    assert (tmp_path / "samples.png").exists()
 
 
 @pytest.mark.parametrize("command", ["evaluate", "diagnose"])

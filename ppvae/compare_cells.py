@@ -1,0 +1,255 @@
+"""One cell of a comparison grid: train a VAE with ``fit``, score it with ``diagnose``, keep the result on disk.
+
+A cell is one choice of prior × likelihood × guide × objective × seed; everything else (networks, latent size,
+budget, splits, test rows, diagnostics settings) is shared by the grid. Its directory holds::
+
+    config.json     what the cell is (the hash of this and the data names the directory)
+    checkpoints/    fit's checkpoints: a killed cell resumes where it stopped
+    model.pt        the trained VAE
+    arrays.npz      per-datapoint scores and what the figures need (read with allow_pickle=False)
+    diagnosis.nc    ArviZ InferenceData of the cell's diagnosis
+    result.json     summary numbers, status and error; written last, atomically: its presence means "finished"
+
+Scores are probabilities of the data as stored: continuous likelihoods on grey levels are scored through
+:func:`ppvae.discretize.scoring_view` (each level's bin), so every cell of a grey-level dataset is a
+probability mass over the same levels and ranks in bits/dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from . import __version__, arviz_io
+from .data import DataSplits
+from .diagnostics import diagnose, jsonable
+from .io import save
+from .specs import block_name, default_likelihood, with_levels
+from .train import fit
+from .vae import VAE
+
+__all__ = [
+    "Cell",
+    "GridSettings",
+    "cell_key",
+    "data_fingerprint",
+    "group_of",
+    "load_cell",
+    "run_cell",
+    "run_meta",
+    "short_spec",
+]
+
+_IMAGES = 8  # originals, reconstructions and samples kept per image cell
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell. Blocks are registry names or ``{"name":, "kwargs":}`` specs (``None`` likelihood: the data's
+    default, as ``ppvae train`` chooses it)."""
+
+    prior: str | dict = "normal"
+    likelihood: str | dict | None = None
+    guide: str | dict = "normal"
+    objective: str = "elbo"
+    seed: int = 0
+
+    def label(self, *, objective: bool = False, seed: bool = False) -> str:
+        parts = [short_spec(self.prior), short_spec(self.likelihood or "default"), short_spec(self.guide)]
+        parts += [self.objective] if objective else []
+        parts += [f"seed {self.seed}"] if seed else []
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What every cell shares: networks, latent size, training budget, test rows and diagnostics settings.
+
+    ``num_samples``: importance samples S per test datapoint (log p̂ is IWAE_S). ``max_test_points``: evenly spaced
+    test rows scored (the same rows for every cell, so differences are paired). ``diagnose``: keyword arguments of
+    :func:`ppvae.diagnose` (``num_gap_points``, ``reference=False``, ...).
+    """
+
+    latent_dim: int = 16
+    encoder: str | dict = "mlp"
+    decoder: str | dict = "mlp"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_particles: int = 1
+    patience: int | None = None
+    num_samples: int = 1000
+    max_test_points: int = 2000
+    diagnose: dict = field(default_factory=dict)
+
+
+def short_spec(spec: Any) -> str:
+    """A block spec as a short label: ``mlp(hidden=[256])``."""
+    if isinstance(spec, dict) and spec.get("kwargs"):
+        return f"{spec['name']}({', '.join(f'{k}={v}' for k, v in spec['kwargs'].items())})"
+    return block_name(spec)
+
+
+def data_fingerprint(splits: DataSplits) -> str:
+    """sha256 over the dataset's name, preprocessing and every split's values: a cache never outlives its data."""
+    h = hashlib.sha256(json.dumps([splits.name, splits.preprocessing, splits.levels], sort_keys=True).encode())
+    for part in (splits.train, splits.val, splits.test):
+        t = getattr(part, "grey", part)  # DynamicBinarized keeps the grey levels in .grey
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cell_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
+    """A cell's cache key: its configuration, the shared settings, the data and the ppvae version."""
+    record = {"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__}
+    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def group_of(splits: DataSplits, discrete: bool | None) -> str:
+    """Comparability group: cells are ranked only against cells scored as the same kind of number.
+
+    Binarized data (Bernoulli) never rank against grey levels, a static binarization never against a dynamic one,
+    probability masses never against densities.
+    """
+    if splits.binarize:
+        return f"{splits.name}, binarized ({splits.binarize}): probability of binary pixels"
+    if splits.levels:
+        return f"{splits.name}, {splits.levels} grey levels: probability mass"
+    return f"{splits.name}: {'probability mass' if discrete else 'density'}"
+
+
+def test_rows(n: int, max_points: int) -> np.ndarray:
+    """Evenly spaced rows of the test split (already a seeded shuffle), the same for every cell."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(np.int64))
+
+
+def build_vae(cell: Cell, settings: GridSettings, splits: DataSplits) -> VAE:
+    likelihood = cell.likelihood or default_likelihood(splits)
+    pyro.set_rng_seed(cell.seed)  # the initial weights come from torch's global RNG
+    return VAE(
+        splits.data_shape,
+        settings.latent_dim,
+        prior=cell.prior,
+        likelihood=with_levels(likelihood, splits.levels),
+        guide=cell.guide,
+        encoder=settings.encoder,
+        decoder=settings.decoder,
+    )
+
+
+def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: Path) -> dict[str, Any]:
+    """Train, score and save one cell in ``directory``; a failure is recorded as the result, never raised."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result: dict[str, Any] = {"label": cell.label(), "cell": jsonable(asdict(cell)), "status": "ok", "error": None}
+    try:
+        model = build_vae(cell, settings, splits)
+        fitted = fit(
+            model,
+            splits.train,
+            val_data=splits.val,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            objective=cell.objective,
+            num_particles=settings.num_particles,
+            patience=settings.patience,
+            seed=cell.seed,
+            device="cpu",
+            checkpoint_dir=directory / "checkpoints",
+            resume=True,
+            progress=False,
+        )
+        result["history"] = fitted.history
+        result["train_seconds"] = sum(h.get("seconds", 0.0) for h in fitted.history)
+        save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, fitted.history))
+        result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
+    except Exception as err:  # noqa: BLE001 - a failing cell is reported in the table, the grid goes on
+        result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+    result["seconds"] = time.perf_counter() - start
+    write_json_atomic(directory / "result.json", result)
+    return result
+
+
+def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: list) -> dict[str, Any]:
+    """What ``ppvae evaluate/diagnose/sample`` need to reload the cell's data: it is a run like ``ppvae train``'s."""
+    return jsonable(
+        {
+            "dataset": splits.name,
+            "data_shape": list(splits.data_shape),
+            "levels": splits.levels,
+            "binarize": splits.binarize,
+            "preprocessing": splits.preprocessing,
+            "latent_dim": settings.latent_dim,
+            "seed": splits.preprocessing.get("seed", 0),
+            "cell": asdict(cell),
+            "history": history,
+        }
+    )
+
+
+def score(model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, directory: Path) -> dict[str, Any]:
+    """Diagnose ``model`` on the grid's test rows; write arrays.npz and diagnosis.nc; return summary numbers."""
+    from .discretize import scoring_view
+
+    rows = test_rows(len(splits.test), settings.max_test_points)
+    x = splits.test[torch.as_tensor(rows)]
+    scored = scoring_view(model, levels=splits.levels) if isinstance(model, VAE) and splits.levels else model
+    with warnings.catch_warnings(record=True) as caught:  # kept with the cell, shown in its row of the table
+        warnings.simplefilter("always")
+        d = diagnose(scored, x, num_samples=settings.num_samples, seed=seed, split="test", **settings.diagnose)
+    ev = d.evaluation
+    if not np.isfinite(ev.log_px).any():
+        raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
+    out = {"diagnosis": d.to_dict(), "group": group_of(splits, ev.discrete), "num_test": len(rows)}
+    out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)
+    arrays: dict[str, np.ndarray] = {"rows": rows, "log_px": ev.log_px, "elbo": ev.elbo, "khat": d.khat}
+    if isinstance(model, VAE):
+        with torch.no_grad():
+            arrays["z_mean"] = model.encode(x).mean.reshape(len(x), -1).double().numpy()
+            if len(splits.data_shape) == 3:  # images (C, H, W): a few originals, reconstructions, samples
+                pyro.set_rng_seed(seed)
+                arrays["originals"] = x[:_IMAGES].numpy()
+                arrays["reconstructions"] = model.reconstruct(x[:_IMAGES]).numpy()
+                arrays["samples"] = model.generate(_IMAGES).numpy()
+    if splits.test_labels is not None:
+        arrays["labels"] = splits.test_labels[torch.as_tensor(rows)].numpy()
+    np.savez(directory / "arrays.npz", **arrays)
+    arviz_io.save_netcdf(d.to_inference_data(), directory / "diagnosis.nc")
+    return out
+
+
+def load_cell(directory: Path) -> dict[str, Any] | None:
+    """A finished cell's result and arrays, or None when it has not finished (no result.json)."""
+    path = directory / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    arrays = directory / "arrays.npz"
+    if result.get("status") == "ok" and arrays.exists():
+        with np.load(arrays, allow_pickle=False) as f:  # never unpickle: caches may come from someone else
+            result["arrays"] = {k: f[k] for k in f.files}
+    return result
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, flush it to disk and rename it over ``path``: readers see all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

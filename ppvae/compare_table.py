@@ -1,0 +1,208 @@
+"""The comparison table and its verdict: only comparable numbers side by side, with paired standard errors.
+
+Rows are cells; ranks, ``elpd_diff ± dse`` and per-datapoint differences are computed within a comparability group
+on the test rows where every cell of the group has a finite log p̂ (ArviZ ``compare`` on the pointwise IWAE
+log p̂; Vehtari, Gelman & Gabry 2017). Guides are ranked within one prior × likelihood by inference gap and k̂.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from . import arviz_io
+from .compare_plots import paired_difference
+
+__all__ = ["COLUMNS", "build_table", "verdict"]
+
+# Every column of Comparison.table(), documented (the report prints this glossary).
+COLUMNS: dict[str, str] = {
+    "cell": "prior · likelihood · guide (· objective · seed when they vary)",
+    "group": "comparability group: cells are ranked only within one",
+    "status": "ok, or failed (see error)",
+    "rank": "rank by log p̂ within the group (1 = best)",
+    "elbo": "ELBO per test datapoint (nats), from the guide, on the scored (discretized where needed) likelihood",
+    "log_px": "log p̂(x) per test datapoint (nats), IWAE with S importance samples",
+    "log_px_se": "standard error of log_px over test datapoints",
+    "bits_per_dim": "−log₂ p̂(x) / D from log_px (probability masses only)",
+    "elpd_diff": "Σ_i log p̂ difference to the group's best cell (nats, ArviZ compare)",
+    "dse": "standard error of elpd_diff, paired over the same test rows",
+    "delta_per_point": "mean per-datapoint log p̂ difference to the group's best cell (nats)",
+    "delta_se": "paired standard error of delta_per_point",
+    "khat_median": "median PSIS k̂ over test datapoints (< 0.5 good)",
+    "khat_p90": "90th percentile of PSIS k̂",
+    "khat_share": "share of datapoints with k̂ above min(1 − 1/log10 S, 0.7): log p̂ unreliable there",
+    "ess_per_sample": "median importance-sampling ESS / S",
+    "inference_gap": "log p̂ − ELBO (nats) ≈ KL(q ‖ posterior)",
+    "amortization_gap": "L[q*] − L[q] on the gap datapoints (nats): what the encoder loses",
+    "approximation_gap": "log p̂ − L[q*] (nats): what the guide family cannot express",
+    "guide_rank": "rank of the guide within its prior × likelihood (× objective × seed) by inference gap, then k̂",
+    "active_units": "latent dimensions with Var_x E_q[z_d] > 0.01",
+    "latent_dim": "latent dimensions D",
+    "mutual_information": "I(x; z) estimate (nats), at most log M",
+    "collapsed_dims": "latent dimensions with KL_d < 0.01 nats",
+    "sbc_p": "simulation-based calibration p-value (≤ 0.01: miscalibrated)",
+    "ref_mean_err_sd": "|E_q z − E_NUTS z| in NUTS posterior sd, mean over dims and reference points",
+    "ref_sd_ratio": "sd_q / sd_NUTS, mean over dims and reference points (1: matched)",
+    "seconds": "wall time of the cell (training and scoring, s)",
+    "estimator": "what made log_px: IWAE_S",
+    "split": "the data the scores are on",
+    "scored_as": "how a continuous likelihood was turned into level probabilities (cdf bins or dequantized)",
+    "warnings": "findings of the cell's diagnosis that limit trust in its numbers",
+    "error": "why a failed cell failed",
+}
+
+
+_WARNING_WORDS = ("unreliable", "rejects", "not converged", "non-finite", "collapsed", "off by", "had not converged")
+
+
+def build_table(cells: list[dict[str, Any]], settings: Any) -> Any:
+    """One row per cell with the columns of :data:`COLUMNS`; ranks and paired differences within each group."""
+    import pandas as pd
+
+    rows = [_row(c, settings) for c in cells]
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cells):
+        if c["status"] == "ok" and "arrays" in c:
+            groups.setdefault(c["group"], []).append(i)
+    for members in groups.values():
+        _rank_group([cells[i] for i in members], [rows[i] for i in members], settings.num_samples)
+    _rank_guides(cells, rows)
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return df.sort_values(["group", "rank", "cell"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _row(c: dict[str, Any], settings: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS, math.nan)
+    row.update(cell=c["label"], group=c.get("group", "—"), status=c["status"], error=c.get("error"))
+    row.update(estimator=f"IWAE_{settings.num_samples}", split="test", seconds=c.get("seconds", math.nan))
+    row.update(scored_as=c.get("scored_as") or "as trained", warnings="", guide_rank=math.nan, rank=math.nan)
+    if c["status"] != "ok":
+        return row
+    d = c["diagnosis"]
+    ev, psis = d["evaluation"], d["psis"]
+    row.update({k: _num(ev.get(k)) for k in ("elbo", "log_px", "log_px_se", "bits_per_dim", "inference_gap")})
+    row.update(khat_median=_num(psis["khat_median"]), khat_p90=_num(psis["khat_p90"]))
+    row.update(khat_share=_num(psis["share_above_threshold"]), ess_per_sample=_num(psis["ess_per_sample_median"]))
+    if d.get("collapse"):
+        col = d["collapse"]
+        row.update(active_units=col["active_units"], latent_dim=col["latent_dim"])
+        row.update(mutual_information=_num(col["mutual_information"]))
+        row["collapsed_dims"] = len(col["collapsed_dims"]) if col["collapsed_dims"] is not None else math.nan
+    if d.get("gaps"):
+        row.update(amortization_gap=_num(d["gaps"]["amortization"]), approximation_gap=_num(d["gaps"]["approximation"]))
+    if d.get("sbc"):
+        row["sbc_p"] = _num(d["sbc"]["p_value"])
+    if d.get("reference"):
+        ref = d["reference"]
+        row["ref_mean_err_sd"] = float(np.mean([r["mean_error_sd"] for r in ref]))
+        row["ref_sd_ratio"] = float(np.mean([r["sd_ratio"] for r in ref]))
+    found = [f for f in d.get("findings", []) if any(w in f for w in _WARNING_WORDS)]
+    row["warnings"] = "; ".join(found + c.get("warnings", []))
+    return row
+
+
+def _num(value: Any) -> float:
+    """JSON numbers back to floats ("inf"/"-inf" strings and null included)."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def _rank_group(cells: list[dict], rows: list[dict], num_samples: int) -> None:
+    """Rank a group's cells by log p̂ on the test rows finite for all of them, with paired differences."""
+    lp = {r["cell"]: np.asarray(c["arrays"]["log_px"], dtype=np.float64) for c, r in zip(cells, rows, strict=True)}
+    if len(lp) < 2:
+        rows[0].update(rank=1, elpd_diff=0.0, dse=0.0, delta_per_point=0.0, delta_se=0.0)
+        return
+    finite = np.logical_and.reduce([np.isfinite(v) for v in lp.values()])
+    table = arviz_io.compare({k: v[finite] for k, v in lp.items()}, num_samples=num_samples)
+    best = table.index[0]
+    for r in rows:
+        name = r["cell"]
+        delta, se = paired_difference(lp[name][finite], lp[best][finite])
+        r.update(rank=int(list(table.index).index(name)) + 1, delta_per_point=delta, delta_se=se)
+        r.update(elpd_diff=float(table.loc[name, "elpd_diff"]), dse=float(table.loc[name, "dse"]))
+
+
+def _rank_guides(cells: list[dict], rows: list[dict]) -> None:
+    """Rank guides within group × prior × likelihood × objective × seed by inference gap, then k̂ median."""
+    sets: dict[str, list[dict]] = {}
+    for c, r in zip(cells, rows, strict=True):
+        spec = c.get("cell", {})
+        if r["status"] != "ok" or "guide" not in spec:
+            continue
+        key = json.dumps([r["group"], spec["prior"], spec["likelihood"], spec["objective"], spec["seed"]], default=str)
+        sets.setdefault(key, []).append(r)
+    for members in sets.values():
+        ordered = sorted(members, key=lambda r: (_nan_last(r["inference_gap"]), _nan_last(r["khat_median"])))
+        for k, r in enumerate(ordered, 1):
+            r["guide_rank"] = k
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def verdict(df: Any) -> list[str]:
+    """Plain sentences, most important first, from a :func:`build_table` frame."""
+    out: list[str] = []
+    ok = df[df["status"] == "ok"]
+    groups = list(dict.fromkeys(ok["group"]))
+    for group in groups:
+        g = ok[ok["group"] == group].sort_values("rank")
+        best = g.iloc[0]
+        bits = f", {best['bits_per_dim']:.4f} bits/dim" if not math.isnan(best["bits_per_dim"]) else ""
+        where = f" ({group})" if len(groups) > 1 else ""
+        line = (
+            f"Best model{where}: {best['cell']}, log p̂ = {best['log_px']:.2f} ± {best['log_px_se']:.2f} nats per "
+            f"test datapoint{bits} ({best['estimator']})."
+        )
+        if len(g) > 1:
+            second = g.iloc[1]
+            z = second["elpd_diff"] / second["dse"] if second["dse"] > 0 else math.inf
+            sure = (
+                "not distinguishable from it (difference < 2 paired se)"
+                if z < 2
+                else f"clearly behind ({z:.1f} paired se)"
+            )
+            line += (
+                f" Runner-up {second['cell']} is {abs(second['delta_per_point']):.2f} ± {second['delta_se']:.2f} nats "
+                f"per datapoint behind: {sure}."
+            )
+        if best["khat_share"] > 0.5:
+            line += (
+                f" Its log p̂ is a loose bound (k̂ above threshold on {100 * best['khat_share']:.0f}% of datapoints): "
+                "a better guide could reorder close cells."
+            )
+        out.append(line)
+    for guide_line in _guide_lines(ok):
+        out.append(guide_line)
+    failed = df[df["status"] == "failed"]
+    if len(failed):
+        names = "; ".join(f"{r['cell']} ({str(r['error'])[:120]})" for _, r in failed.iterrows())
+        out.append(f"{len(failed)} of {len(df)} cells failed and are not ranked: {names}.")
+    if len(groups) > 1:
+        out.append(f"{len(groups)} comparability groups: their scores are different quantities and are not ranked "
+                   "against each other.")  # fmt: skip
+    return out
+
+
+def _guide_lines(ok: Any) -> list[str]:
+    lines = []
+    firsts = ok[ok["guide_rank"] == 1]
+    for _, best in firsts.iterrows():
+        same = ok[(ok["group"] == best["group"]) & ok["guide_rank"].notna()]
+        prefix = best["cell"].rsplit(" · ", 1)[0] if " · " in best["cell"] else best["cell"]
+        rivals = same[same["cell"].str.startswith(prefix + " · ") & (same["cell"] != best["cell"])]
+        if rivals.empty:
+            continue
+        others = ", ".join(f"{r['cell'].split(' · ')[2]} {r['inference_gap']:.2f}" for _, r in rivals.iterrows())
+        lines.append(
+            f"Under {prefix}, the {best['cell'].split(' · ')[2]} guide approximates its posterior best: inference gap "
+            f"{best['inference_gap']:.2f} nats (others: {others}), median k̂ {best['khat_median']:.2f}."
+        )
+    return lines

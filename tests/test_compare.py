@@ -1,0 +1,146 @@
+"""``ppvae.compare``: grouping, paired ranking, caching and resume, failing cells, the report files."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ppvae
+from ppvae import compare_cells
+from ppvae.compare import COLUMNS, Cell, GridSettings, combine, compare
+
+TINY = GridSettings(
+    latent_dim=2,
+    encoder={"name": "mlp", "kwargs": {"hidden": [32]}},
+    decoder={"name": "mlp", "kwargs": {"hidden": [32]}},
+    epochs=2,
+    batch_size=256,
+    num_samples=64,
+    max_test_points=40,
+    diagnose={"gaps": False, "reference": False, "sbc_simulations": 20},
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ppvae.data.load("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def grid(digits, tmp_path_factory):
+    """normal vs mixture prior × categorical vs a likelihood that fails on grey levels (bernoulli)."""
+    out = tmp_path_factory.mktemp("grid")
+    comp = compare(digits, priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"], settings=TINY,
+                   out=out, progress=None)  # fmt: skip
+    return comp, out
+
+
+def test_table_has_every_documented_column_and_nothing_else(grid):
+    comp, _ = grid
+    df = comp.table()
+    assert list(df.columns) == list(COLUMNS)
+    assert all(len(doc) > 10 for doc in COLUMNS.values())
+    assert len(df) == 4
+    ok = df[df["status"] == "ok"]
+    assert ok["warnings"].str.contains("num_samples=64 is too few").all()  # caught per cell, shown in its row
+
+
+def test_failing_cell_is_a_row_with_its_error_and_the_rest_are_ranked(grid):
+    df = grid[0].table()
+    failed = df[df["status"] == "failed"]
+    assert len(failed) == 2 and failed["error"].str.contains("DataError: likelihood 'bernoulli' needs binary").all()
+    assert failed["rank"].isna().all()
+    ok = df[df["status"] == "ok"].sort_values("rank")
+    assert list(ok["rank"]) == [1, 2]
+    # Paired differences: the runner-up's per-datapoint gap to the best, recomputed from the cached arrays.
+    lp = {c["label"]: c["arrays"]["log_px"] for c in grid[0].cells if c["status"] == "ok"}
+    best, second = ok["cell"].iloc[0], ok["cell"].iloc[1]
+    d = lp[second] - lp[best]
+    assert ok["delta_per_point"].iloc[1] == pytest.approx(d.mean())
+    assert ok["delta_se"].iloc[1] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert ok["dse"].iloc[1] == pytest.approx(np.sqrt(len(d)) * d.std(), rel=1e-6)  # ArviZ: population sd
+    assert ok["elpd_diff"].iloc[1] == pytest.approx(-d.sum())
+    assert ok["estimator"].eq("IWAE_64").all() and ok["split"].eq("test").all()
+    assert any("failed" in line for line in grid[0].verdict())
+
+
+def test_resume_reruns_nothing_finished(digits, grid, monkeypatch):
+    comp, out = grid
+    calls = []
+    real = compare_cells.run_cell
+    monkeypatch.setattr("ppvae.compare.run_cell", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    # An interrupted grid: one cell's result.json never got written.
+    key = compare_cells.cell_key(Cell("mixture", "categorical"), TINY, compare_cells.data_fingerprint(digits))
+    (out / "cells" / key / "result.json").unlink()
+    again = compare(digits, priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"],
+                    settings=TINY, out=out, progress=None)  # fmt: skip
+    assert calls == [Cell("mixture", "categorical")]
+    pd.testing.assert_frame_equal(again.table().drop(columns="seconds"), comp.table().drop(columns="seconds"))
+    calls.clear()
+    compare(digits, priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"], settings=TINY, out=out,
+            progress=None, retry_failed=True)  # fmt: skip
+    assert sorted(c.prior for c in calls) == ["mixture", "normal"]  # the two failed cells, nothing else
+
+
+def test_groups_are_never_ranked_against_each_other(digits, grid, tmp_path):
+    """A Bernoulli cell on binarized digits and the grey-level cells: each group has its own rank 1."""
+    binary = ppvae.data.load("digits", binarize="static", seed=0)
+    b = compare(binary, likelihoods=["bernoulli"], settings=TINY, out=tmp_path, progress=None)
+    both = combine(grid[0], b)
+    df = both.table()
+    ok = df[df["status"] == "ok"]
+    assert ok["group"].nunique() == 2
+    for _, g in ok.groupby("group"):
+        assert sorted(g["rank"]) == list(range(1, len(g) + 1))
+    bern = ok[ok["cell"].str.contains("bernoulli")]
+    assert bern["rank"].item() == 1 and bern["delta_per_point"].item() == 0
+    assert any("not ranked against each other" in line for line in both.verdict())
+
+
+def test_report_files(grid, tmp_path):
+    comp, _ = grid
+    paths = comp.save(tmp_path)
+    html = paths["html"].read_text()
+    assert not re.search(r"(?:https?:)?//[\w.-]+\.\w", re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html))
+    assert html.index("erdict") < html.index("<table") < html.index("<img")
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == list(COLUMNS)
+    assert "| cell |" in paths["markdown"].read_text()
+
+
+def test_users_own_fitted_pair_is_scored_alongside(digits, tmp_path):
+    vae = ppvae.VAE(digits.data_shape, 2, likelihood={"name": "categorical", "kwargs": {"levels": 17}},
+                    encoder={"name": "mlp", "kwargs": {"hidden": [16]}},
+                    decoder={"name": "mlp", "kwargs": {"hidden": [16]}})  # fmt: skip
+
+    class Pair:  # a user's own pair: model/guide methods, not a ppvae.VAE
+        def model(self, x):
+            return vae.model(x)
+
+        def guide(self, x):
+            return vae.guide(x)
+
+    comp = compare(digits, priors=[], models={"mine": Pair()}, settings=TINY, out=tmp_path, progress=None)
+    row = comp.table().iloc[0]
+    assert row["cell"] == "mine" and row["status"] == "ok" and np.isfinite(row["log_px"])
+
+
+def test_bad_arguments(digits):
+    with pytest.raises(ppvae.ConfigError, match="jobs"):
+        compare(digits, jobs=0)
+    with pytest.raises(ppvae.ConfigError, match="repeats a cell"):
+        compare(digits, priors=["normal", "normal"])
+
+
+def test_continuous_likelihood_ranks_with_masses_and_jobs_change_nothing(digits, tmp_path):
+    """A Normal on 17 grey levels is scored by its bins' probabilities: same group as the Categorical, in bits/dim.
+    Two worker processes give the same numbers as one process (each cell seeds its own RNG)."""
+    kwargs = dict(likelihoods=["categorical", "normal"], settings=TINY, progress=None)
+    serial = compare(digits, out=tmp_path / "serial", **kwargs).table()
+    parallel = compare(digits, out=tmp_path / "parallel", jobs=2, **kwargs).table()
+    assert serial["group"].nunique() == 1 and serial["bits_per_dim"].notna().all()
+    assert set(serial["scored_as"]) == {"as trained", "cdf"}
+    assert (serial["log_px"] < 0).all()  # probabilities of the data, not densities
+    cols = ["cell", "rank", "elbo", "log_px", "khat_median", "active_units"]
+    pd.testing.assert_frame_equal(serial[cols], parallel[cols])
