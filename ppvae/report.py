@@ -44,6 +44,7 @@ table { border-collapse: collapse; font-size: .9rem; min-width: 100%; }
 th, td { padding: .3rem .6rem; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
 thead th { background: #f5f5f5; border-bottom: 2px solid #ccc; white-space: nowrap; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody td:first-child { white-space: nowrap; }  /* the cell label: one line per row */
 tr.failed td { background: #fdecec; color: #7a1d1d; }
 tr.failed td.error { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; }
 dl.columns dt { font-weight: 600; font-family: ui-monospace, Menlo, Consolas, monospace; }
