@@ -25,10 +25,11 @@ import itertools
 import math
 import multiprocessing
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from .compare_cells import (
 from .compare_table import COLUMNS, build_table, verdict
 from .data import DataSplits
 from .errors import ConfigError, PPVAEError
+from .specs import default_likelihood
 
 __all__ = ["Comparison", "COLUMNS", "combine", "compare", "Cell", "GridSettings"]
 
@@ -116,7 +118,7 @@ class Comparison:
             f"same {_num_test(self.cells)} test datapoints, log p̂ by IWAE_{s.num_samples}"
         )
         # The page's table holds the numbers; long text (warnings) would make every row tall: listed below it.
-        shown = df.drop(columns=["warnings", "estimator", "split"])
+        shown = df.drop(columns=["warnings", "estimator", "split", "prior", "likelihood", "guide", "objective", "seed"])
         notes = [f"warnings, {r['cell']}: {r['warnings']}" for _, r in df.iterrows() if r["warnings"]]
         notes += self.notes
         if self.directory is not None:
@@ -156,13 +158,15 @@ def compare(
             ``settings.patience`` is set, and are scored on the same rows of ``test``.
         priors, likelihoods, guides, objectives, seeds: the grid axes; blocks as registry names or
             ``{"name":, "kwargs":}`` specs (likelihood ``None``: the data's default).
-        models: already-fitted models to score alongside, ``name → model`` (a ppvae.VAE, or an object with
-            ``model``/``guide`` methods: a user's own pair); scored each call, not cached.
+        models: already-fitted models to score alongside, ``name → model``: a ppvae.VAE, an object with
+            ``model``/``guide`` methods, or a ``(model_fn, guide_fn)`` tuple (a user's own pair); scored each call,
+            not cached.
         settings: what every cell shares (networks, budget, S, test rows, diagnostics); default
             :class:`GridSettings`.
         out: cache directory (``out/cells/<hash>/``); a rerun with the same directory reuses every finished cell.
             Default: a temporary directory removed afterwards.
-        jobs: cells trained in parallel processes; each gets ``cpu_count // jobs`` torch threads.
+        jobs: cells trained in parallel, one process per cell; each gets ``cores // jobs`` torch threads (cores
+            this process may use). A cell whose process dies is a failed row.
         retry_failed: rerun cells whose cached result is a failure (default: report the cached failure).
         progress: called with one line per cell as it finishes (``None``: silent).
 
@@ -170,6 +174,8 @@ def compare(
         :class:`Comparison`.
     """
     settings = settings or GridSettings()
+    # None is the data's default likelihood: named here, so it is one cell with the explicit name, not two.
+    likelihoods = [default_likelihood(data) if lk is None else lk for lk in likelihoods]
     cells = [
         Cell(p, lk, g, o, s) for p, lk, g, o, s in itertools.product(priors, likelihoods, guides, objectives, seeds)
     ]
@@ -181,6 +187,7 @@ def compare(
         raise ConfigError(f"dataset {data.name!r} has no test split to score the cells on")
     if len({_identity(c) for c in cells}) != len(cells):
         raise ConfigError("the grid repeats a cell: give each axis distinct values")
+    _check_diagnose_options(settings.diagnose)
     with tempfile.TemporaryDirectory() if out is None else _nullcontext(Path(out)) as root:
         root = Path(root)
         fingerprint = data_fingerprint(data)
@@ -192,8 +199,12 @@ def compare(
             if done is not None and (done["status"] == "ok" or not retry_failed):
                 results[i] = done
                 _say(progress, done, "cached")
-            else:
-                todo.append(i)
+                continue
+            if done is not None:  # a failed cell retried: from scratch, not from the state that failed
+                for name in ("checkpoints", "model.pt", "result.json"):
+                    path = d / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            todo.append(i)
         for i, result in _run(todo, cells, dirs, settings, data, jobs):
             results[i] = load_cell(dirs[i]) or result
             _say(progress, results[i], "done")
@@ -207,7 +218,32 @@ def compare(
     varying = {k: len({getattr(c, k) for c in cells}) > 1 for k in ("objective", "seed")}
     for cell, result in zip(cells, ordered, strict=False):
         result["label"] = cell.label(objective=varying["objective"], seed=varying["seed"])
+    _unique_labels(ordered)
     return Comparison(ordered, settings, data.name, directory=None if out is None else Path(out))
+
+
+def _unique_labels(cells: list[dict]) -> None:
+    """Make labels unique (a suffix ``#2``, ``#3``): rows are found by label in tables, plots and reports."""
+    seen: dict[str, int] = {}
+    for c in cells:
+        n = seen[c["label"]] = seen.get(c["label"], 0) + 1
+        if n > 1:
+            c["label"] = f"{c['label']} #{n}"
+
+
+def _check_diagnose_options(options: dict) -> None:
+    """Refuse GridSettings.diagnose keys that diagnose does not take, before any cell trains."""
+    import inspect
+
+    from .diagnostics import diagnose
+
+    allowed = set(inspect.signature(diagnose).parameters) - {"model", "data", "guide", "num_samples", "seed", "split"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"GridSettings.diagnose has options diagnose does not take: {unknown}; choose from {sorted(allowed)} "
+            "(num_samples, seed and split are set by the grid)"
+        )
 
 
 def combine(*comparisons: Comparison) -> Comparison:
@@ -221,7 +257,8 @@ def combine(*comparisons: Comparison) -> Comparison:
     settings = comparisons[0].settings
     if any(c.settings != settings for c in comparisons[1:]):
         raise ConfigError("combine needs comparisons made with the same GridSettings")
-    cells = [cell for c in comparisons for cell in c.cells]
+    cells = [dict(cell) for c in comparisons for cell in c.cells]
+    _unique_labels(cells)
     names = " + ".join(dict.fromkeys(c.dataset for c in comparisons))
     return Comparison(cells, settings, names, notes=[n for c in comparisons for n in c.notes])
 
@@ -229,7 +266,8 @@ def combine(*comparisons: Comparison) -> Comparison:
 def _identity(cell: Cell) -> str:
     import json
 
-    return json.dumps([cell.prior, cell.likelihood, cell.guide, cell.objective, cell.seed], sort_keys=True)
+    parts = [cell.prior, cell.likelihood, cell.guide, cell.objective, cell.seed]
+    return json.dumps(parts, sort_keys=True, default=lambda o: f"{type(o).__name__}@{id(o)}")  # module blocks
 
 
 class _nullcontext:
@@ -249,9 +287,17 @@ def _say(progress: Callable[[str], None] | None, result: dict, how: str) -> None
         return
     if result["status"] == "ok":
         ev = result["diagnosis"]["evaluation"]
-        progress(f"{how}: {result['label']}: log p̂ {ev['log_px']:.3f} ± {ev['log_px_se']:.3f} nats")
+        progress(f"{how}: {result['label']}: log p̂ {_fmt(ev.get('log_px'))} ± {_fmt(ev.get('log_px_se'))} nats")
     else:
         progress(f"{how}: {result['label']}: FAILED {result['error']}")
+
+
+def _fmt(value: Any) -> str:
+    """A number from result.json (null, "inf" and "-inf" included) with 3 decimals."""
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "—"
 
 
 def _run(
@@ -262,13 +308,39 @@ def _run(
         for i in todo:
             yield i, run_cell(cells[i], settings, data, dirs[i])
         return
-    workers = min(jobs, len(todo))
-    threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription: workers × threads ≤ cores
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(jobs, len(todo), cores)
+    threads = max(1, cores // workers)  # no oversubscription: workers × threads ≤ the cores this process may use
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its thread pools can deadlock
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(data, threads)) as pool:
-        futures = {pool.submit(_worker_cell, cells[i], settings, dirs[i]): i for i in todo}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+    # One process per cell (not a shared pool): a cell that kills its worker (out of memory, a crash in native
+    # code) fails alone instead of breaking the pool and every cell still queued in it.
+    queue, running = list(todo), {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                i = queue.pop(0)
+                pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(data, threads))
+                running[pool.submit(_worker_cell, cells[i], settings, dirs[i])] = (i, pool)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i, pool = running.pop(future)
+                try:
+                    result = future.result()
+                except Exception as err:  # noqa: BLE001 - the worker died: this cell failed, the grid goes on
+                    result = {"label": cells[i].label(), "status": "failed", "cell": _cell_record(cells[i])}
+                    result["error"] = f"worker process died ({type(err).__name__}: {err}); rerun with jobs=1 to see why"
+                    write_json_atomic(dirs[i] / "result.json", result)
+                pool.shutdown(wait=False)
+                yield i, result
+    finally:
+        for _, pool in running.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _cell_record(cell: Cell) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cell)
 
 
 _WORKER_DATA: DataSplits | None = None
@@ -292,7 +364,8 @@ def _score_fitted(name: str, model: Any, data: DataSplits, settings: GridSetting
     directory.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"label": name, "cell": {"fitted": name}, "status": "ok", "error": None, "history": []}
     try:
-        result.update(score(model, data, settings, seed=0, directory=directory))
+        model, guide = model if isinstance(model, tuple) else (model, None)  # a (model_fn, guide_fn) pair
+        result.update(score(model, data, settings, seed=0, directory=directory, guide=guide))
     except Exception as err:  # noqa: BLE001 - reported in the table
         result.update(status="failed", error=f"{type(err).__name__}: {err}")
     write_json_atomic(directory / "result.json", result)

@@ -34,7 +34,7 @@ import torch
 from . import __version__, arviz_io
 from .data import DataSplits
 from .diagnostics import diagnose, jsonable
-from .io import save
+from .io import load, read, save
 from .specs import block_name, default_likelihood, with_levels
 from .train import fit
 from .vae import VAE
@@ -114,20 +114,34 @@ def data_fingerprint(splits: DataSplits) -> str:
 def cell_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
     """A cell's cache key: its configuration, the shared settings, the data and the ppvae version."""
     record = {"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__}
-    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True, default=_key_part).encode()).hexdigest()[:20]
+
+
+def _key_part(obj: Any) -> str:
+    """A block given as an object: its type and, for a module, a hash of its weights (its repr otherwise)."""
+    if isinstance(obj, torch.nn.Module):
+        h = hashlib.sha256()
+        for name, t in obj.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return f"{type(obj).__qualname__}:{h.hexdigest()}"
+    return f"{type(obj).__qualname__}:{obj!r}"
 
 
 def group_of(splits: DataSplits, discrete: bool | None) -> str:
     """Comparability group: cells are ranked only against cells scored as the same kind of number.
 
     Binarized data (Bernoulli) never rank against grey levels, a static binarization never against a dynamic one,
-    probability masses never against densities.
+    probability masses never against densities (a user's pair with a density likelihood on grey levels included).
     """
+    if discrete is None:
+        return f"{splits.name}: a score of unknown kind (the model does not say whether it is a mass or a density)"
+    if not discrete:  # a density is never ranked against probabilities, whatever the data
+        return f"{splits.name}: density (not a probability of the data)"
     if splits.binarize:
         return f"{splits.name}, binarized ({splits.binarize}): probability of binary pixels"
     if splits.levels:
         return f"{splits.name}, {splits.levels} grey levels: probability mass"
-    return f"{splits.name}: {'probability mass' if discrete else 'density'}"
+    return f"{splits.name}: probability mass"
 
 
 def test_rows(n: int, max_points: int) -> np.ndarray:
@@ -155,6 +169,14 @@ def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: 
     start = time.perf_counter()
     result: dict[str, Any] = {"label": cell.label(), "cell": jsonable(asdict(cell)), "status": "ok", "error": None}
     try:
+        trained = _trained(directory)
+        if trained is not None:  # fit finished before an interruption: its model, not more epochs, is the cell
+            model, history = trained
+            result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
+            result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
+            result["seconds"] = time.perf_counter() - start
+            write_json_atomic(directory / "result.json", result)
+            return result
         model = build_vae(cell, settings, splits)
         fitted = fit(
             model,
@@ -183,6 +205,18 @@ def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: 
     return result
 
 
+def _trained(directory: Path) -> tuple[VAE, list] | None:
+    """The model (and its history) a finished fit saved in ``directory``, or None if there is none to trust."""
+    path = directory / "model.pt"
+    if not path.exists():
+        return None
+    try:
+        obj = read(path)
+        return load(path), obj.get("meta", {}).get("history", [])
+    except Exception:  # noqa: BLE001 - a half-written or foreign file: train again
+        return None
+
+
 def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: list) -> dict[str, Any]:
     """What ``ppvae evaluate/diagnose/sample`` need to reload the cell's data: it is a run like ``ppvae train``'s."""
     return jsonable(
@@ -200,8 +234,11 @@ def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: li
     )
 
 
-def score(model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, directory: Path) -> dict[str, Any]:
-    """Diagnose ``model`` on the grid's test rows; write arrays.npz and diagnosis.nc; return summary numbers."""
+def score(
+    model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, directory: Path, guide: Any = None
+) -> dict[str, Any]:
+    """Diagnose ``model`` (with ``guide`` for a pair of functions) on the grid's test rows; write arrays.npz and
+    diagnosis.nc; return summary numbers."""
     from .discretize import scoring_view
 
     rows = test_rows(len(splits.test), settings.max_test_points)
@@ -209,7 +246,9 @@ def score(model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, 
     scored = scoring_view(model, levels=splits.levels) if isinstance(model, VAE) and splits.levels else model
     with warnings.catch_warnings(record=True) as caught:  # kept with the cell, shown in its row of the table
         warnings.simplefilter("always")
-        d = diagnose(scored, x, num_samples=settings.num_samples, seed=seed, split="test", **settings.diagnose)
+        d = diagnose(
+            scored, x, guide=guide, num_samples=settings.num_samples, seed=seed, split="test", **settings.diagnose
+        )
     ev = d.evaluation
     if not np.isfinite(ev.log_px).any():
         raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
@@ -237,19 +276,23 @@ def load_cell(directory: Path) -> dict[str, Any] | None:
     path = directory / "result.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
-    arrays = directory / "arrays.npz"
-    if result.get("status") == "ok" and arrays.exists():
-        with np.load(arrays, allow_pickle=False) as f:  # never unpickle: caches may come from someone else
-            result["arrays"] = {k: f[k] for k in f.files}
+    try:
+        result = json.loads(path.read_text())
+        arrays = directory / "arrays.npz"
+        if result.get("status") == "ok":
+            with np.load(arrays, allow_pickle=False) as f:  # never unpickle: caches may come from someone else
+                result["arrays"] = {k: f[k] for k in f.files}
+    except (OSError, ValueError, KeyError):  # unreadable or incomplete: the cell is not finished, run it again
+        return None
     return result
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file, flush it to disk and rename it over ``path``: readers see all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # one temporary per process: no two writers share it
     with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=1)
+        json.dump(jsonable(obj), f, indent=1, default=_key_part)  # block objects recorded by type
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import arviz_io
+from .compare_cells import short_spec
 from .compare_plots import paired_difference
 
 __all__ = ["COLUMNS", "build_table", "verdict"]
@@ -21,6 +22,11 @@ __all__ = ["COLUMNS", "build_table", "verdict"]
 # Every column of Comparison.table(), documented (the report prints this glossary).
 COLUMNS: dict[str, str] = {
     "cell": "prior · likelihood · guide (· objective · seed when they vary)",
+    "prior": "the cell's prior (empty for an already-fitted model)",
+    "likelihood": "the cell's likelihood",
+    "guide": "the cell's guide",
+    "objective": "the training objective (elbo, meanfield, iwae, enum)",
+    "seed": "the cell's seed (initial weights and training)",
     "group": "comparability group: cells are ranked only within one",
     "status": "ok, or failed (see error)",
     "rank": "rank by log p̂ within the group (1 = best)",
@@ -32,6 +38,7 @@ COLUMNS: dict[str, str] = {
     "dse": "standard error of elpd_diff, paired over the same test rows",
     "delta_per_point": "mean over datapoints of log p̂ of this cell − log p̂ of the group's best cell (nats, ≤ 0)",
     "delta_se": "paired standard error of delta_per_point",
+    "num_compared": "test rows behind rank and differences: those where every ranked cell of the group is finite",
     "khat_median": "median PSIS k̂ over test datapoints (< 0.5 good)",
     "khat_p90": "90th percentile of PSIS k̂",
     "khat_share": "share of datapoints with k̂ above min(1 − 1/log10 S, 0.7): log p̂ unreliable there",
@@ -39,7 +46,8 @@ COLUMNS: dict[str, str] = {
     "inference_gap": "log p̂ − ELBO (nats) ≈ KL(q ‖ posterior)",
     "amortization_gap": "L[q*] − L[q] on the gap datapoints (nats): what the encoder loses",
     "approximation_gap": "log p̂ − L[q*] (nats): what the guide family cannot express",
-    "guide_rank": "rank of the guide within its prior × likelihood (× objective × seed) by inference gap, then k̂",
+    "guide_rank": "rank of the guide within its prior × likelihood (× objective × seed) by inference gap, then k̂: how "
+    "close each guide is to the posterior of the decoder it trained with (each cell trains its own decoder)",
     "active_units": "latent dimensions with Var_x E_q[z_d] > 0.01",
     "latent_dim": "latent dimensions D",
     "mutual_information": "I(x; z) estimate (nats), at most log M",
@@ -56,6 +64,8 @@ COLUMNS: dict[str, str] = {
 }
 
 
+_PARTS = ("prior", "likelihood", "guide", "objective", "seed")
+_MAX_NAN_SHARE = 0.1  # a cell with more NaN test rows is not ranked
 _WARNING_WORDS = ("unreliable", "rejects", "not converged", "non-finite", "collapsed", "off by", "had not converged")
 
 
@@ -80,6 +90,8 @@ def _row(c: dict[str, Any], settings: Any) -> dict[str, Any]:
     row.update(cell=c["label"], group=c.get("group", "—"), status=c["status"], error=c.get("error"))
     row.update(estimator=f"IWAE_{settings.num_samples}", split="test", seconds=c.get("seconds", math.nan))
     row.update(scored_as=c.get("scored_as") or "as trained", warnings="", guide_rank=math.nan, rank=math.nan)
+    spec = c.get("cell", {})
+    row.update({k: short_spec(spec[k]) if k in spec and k != "seed" else spec.get(k, "") for k in _PARTS})
     if c["status"] != "ok":
         return row
     d = c["diagnosis"]
@@ -113,34 +125,59 @@ def _num(value: Any) -> float:
 
 
 def _rank_group(cells: list[dict], rows: list[dict], num_samples: int) -> None:
-    """Rank a group's cells by log p̂ on the test rows finite for all of them, with paired differences."""
-    lp = {r["cell"]: np.asarray(c["arrays"]["log_px"], dtype=np.float64) for c, r in zip(cells, rows, strict=True)}
-    if len(lp) < 2:
-        rows[0].update(rank=1, elpd_diff=0.0, dse=0.0, delta_per_point=0.0, delta_se=0.0)
-        return
-    finite = np.logical_and.reduce([np.isfinite(v) for v in lp.values()])
-    table = arviz_io.compare({k: v[finite] for k, v in lp.items()}, num_samples=num_samples)
-    best = table.index[0]
-    for r in rows:
-        name = r["cell"]
-        delta, se = paired_difference(lp[name][finite], lp[best][finite])
-        r.update(rank=int(list(table.index).index(name)) + 1, delta_per_point=delta, delta_se=se)
-        r.update(elpd_diff=float(table.loc[name, "elpd_diff"]), dse=float(table.loc[name, "dse"]))
+    """Rank a group's cells by log p̂ with paired differences, on the test rows finite for every ranked cell.
+
+    A cell with log p̂ = −inf on some row gives that test datapoint zero probability: it ranks last. A cell with
+    more than 10% NaN rows is not ranked (its rows would shrink everyone's comparison); both get a warning.
+    """
+    lp = [np.asarray(c["arrays"]["log_px"], dtype=np.float64) for c in cells]
+    zero = [bool(np.any(v == -np.inf)) for v in lp]
+    nan_share = [float(np.mean(np.isnan(v))) for v in lp]
+    ranked = [i for i in range(len(lp)) if not zero[i] and nan_share[i] <= _MAX_NAN_SHARE]
+    for i in range(len(lp)):
+        if zero[i]:
+            _warn(rows[i], f"log p̂ = −inf on {int(np.sum(lp[i] == -np.inf))} test rows (zero probability): ranked last")
+        elif nan_share[i] > _MAX_NAN_SHARE:
+            _warn(rows[i], f"not ranked: log p̂ is NaN on {100 * nan_share[i]:.0f}% of test rows")
+    if ranked:
+        finite = np.logical_and.reduce([np.isfinite(lp[i]) for i in ranked])
+        if len(ranked) == 1 or finite.sum() < 2:
+            best = ranked[0] if len(ranked) == 1 else max(ranked, key=lambda i: np.nanmean(lp[i]))
+            rows[best].update(rank=1, elpd_diff=0.0, dse=0.0, delta_per_point=0.0, delta_se=0.0)
+            rows[best]["num_compared"] = int(finite.sum())
+            if len(ranked) > 1:
+                _warn(rows[best], "the group's cells share fewer than 2 finite test rows: not compared")
+            ranked = [best]
+        else:
+            table = arviz_io.compare({str(i): lp[i][finite] for i in ranked}, num_samples=num_samples)
+            order = [int(k) for k in table.index]
+            for position, i in enumerate(order, 1):
+                delta, se = paired_difference(lp[i][finite], lp[order[0]][finite])
+                rows[i].update(rank=position, delta_per_point=delta, delta_se=se, num_compared=int(finite.sum()))
+                rows[i].update(elpd_diff=float(table.loc[str(i), "elpd_diff"]), dse=float(table.loc[str(i), "dse"]))
+            ranked = order
+    for position, i in enumerate([i for i in range(len(lp)) if zero[i]], len(ranked) + 1):
+        rows[i].update(rank=position, elpd_diff=math.inf, delta_per_point=-math.inf)
+
+
+def _warn(row: dict, text: str) -> None:
+    row["warnings"] = f"{text}; {row['warnings']}" if row["warnings"] else text
 
 
 def _rank_guides(cells: list[dict], rows: list[dict]) -> None:
     """Rank guides within group × prior × likelihood × objective × seed by inference gap, then k̂ median."""
     sets: dict[str, list[dict]] = {}
-    for c, r in zip(cells, rows, strict=True):
-        spec = c.get("cell", {})
-        if r["status"] != "ok" or "guide" not in spec:
-            continue
-        key = json.dumps([r["group"], spec["prior"], spec["likelihood"], spec["objective"], spec["seed"]], default=str)
-        sets.setdefault(key, []).append(r)
+    for r in rows:
+        if r["status"] == "ok" and r["guide"]:
+            sets.setdefault(_guide_set(r), []).append(r)
     for members in sets.values():
         ordered = sorted(members, key=lambda r: (_nan_last(r["inference_gap"]), _nan_last(r["khat_median"])))
         for k, r in enumerate(ordered, 1):
             r["guide_rank"] = k
+
+
+def _guide_set(r: Any) -> str:
+    return json.dumps([r["group"], r["prior"], r["likelihood"], r["objective"], str(r["seed"])])
 
 
 def _nan_last(value: float) -> float:
@@ -153,7 +190,9 @@ def verdict(df: Any) -> list[str]:
     ok = df[df["status"] == "ok"]
     groups = list(dict.fromkeys(ok["group"]))
     for group in groups:
-        g = ok[ok["group"] == group].sort_values("rank")
+        g = ok[(ok["group"] == group) & ok["rank"].notna()].sort_values("rank")
+        if g.empty:
+            continue
         best = g.iloc[0]
         bits = f", {best['bits_per_dim']:.4f} bits/dim" if not math.isnan(best["bits_per_dim"]) else ""
         where = f" ({group})" if len(groups) > 1 else ""
@@ -163,7 +202,8 @@ def verdict(df: Any) -> list[str]:
         )
         if len(g) > 1:
             second = g.iloc[1]
-            z = second["elpd_diff"] / second["dse"] if second["dse"] > 0 else math.inf
+            diff, dse = second["elpd_diff"], second["dse"]
+            z = 0.0 if diff == 0 else diff / dse if dse > 0 else math.inf
             sure = (
                 "not distinguishable from it (difference < 2 paired se)"
                 if z < 2
@@ -193,16 +233,21 @@ def verdict(df: Any) -> list[str]:
 
 def _guide_lines(ok: Any) -> list[str]:
     lines = []
-    firsts = ok[ok["guide_rank"] == 1]
-    for _, best in firsts.iterrows():
-        same = ok[(ok["group"] == best["group"]) & ok["guide_rank"].notna()]
-        prefix = best["cell"].rsplit(" · ", 1)[0] if " · " in best["cell"] else best["cell"]
-        rivals = same[same["cell"].str.startswith(prefix + " · ") & (same["cell"] != best["cell"])]
-        if rivals.empty:
+    sets: dict[str, list[Any]] = {}
+    for _, r in ok[ok["guide_rank"].notna()].iterrows():
+        sets.setdefault(_guide_set(r), []).append(r)
+    for members in sets.values():
+        if len(members) < 2:
             continue
-        others = ", ".join(f"{r['cell'].split(' · ')[2]} {r['inference_gap']:.2f}" for _, r in rivals.iterrows())
+        members.sort(key=lambda r: r["guide_rank"])
+        best, rivals = members[0], members[1:]
+        parts = [str(best["prior"]), str(best["likelihood"])]
+        parts += [str(best["objective"])] if ok["objective"].nunique() > 1 else []
+        parts += [f"seed {best['seed']}"] if ok["seed"].nunique() > 1 else []
+        where = " · ".join(parts)
+        others = ", ".join(f"{r['guide']} {r['inference_gap']:.2f}" for r in rivals)
         lines.append(
-            f"Under {prefix}, the {best['cell'].split(' · ')[2]} guide approximates its posterior best: inference gap "
+            f"Under {where}, the {best['guide']} guide is closest to its decoder's posterior: inference gap "
             f"{best['inference_gap']:.2f} nats (others: {others}), median k̂ {best['khat_median']:.2f}."
         )
     return lines

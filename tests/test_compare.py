@@ -1,5 +1,7 @@
 """``ppvae.compare``: grouping, paired ranking, caching and resume, failing cells, the report files."""
 
+import dataclasses
+import os
 import re
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import ppvae
 from ppvae import compare_cells
 from ppvae.compare import COLUMNS, Cell, GridSettings, combine, compare
+from ppvae.compare_table import build_table
 
 TINY = GridSettings(
     latent_dim=2,
@@ -121,9 +124,12 @@ def test_users_own_fitted_pair_is_scored_alongside(digits, tmp_path):
         def guide(self, x):
             return vae.guide(x)
 
-    comp = compare(digits, priors=[], models={"mine": Pair()}, settings=TINY, out=tmp_path, progress=None)
-    row = comp.table().iloc[0]
-    assert row["cell"] == "mine" and row["status"] == "ok" and np.isfinite(row["log_px"])
+    models = {"mine": Pair(), "functions": (vae.model, vae.guide)}
+    comp = compare(digits, priors=[], models=models, settings=TINY, out=tmp_path, progress=None)
+    df = comp.table()
+    assert set(df["cell"]) == {"mine", "functions"} and df["status"].eq("ok").all() and np.isfinite(df["log_px"]).all()
+    # The same pair, scored twice with the same seed: the same numbers; ranked together (a probability mass).
+    assert df["log_px"].iloc[0] == pytest.approx(df["log_px"].iloc[1]) and sorted(df["rank"]) == [1, 2]
 
 
 def test_bad_arguments(digits):
@@ -144,3 +150,74 @@ def test_continuous_likelihood_ranks_with_masses_and_jobs_change_nothing(digits,
     assert (serial["log_px"] < 0).all()  # probabilities of the data, not densities
     cols = ["cell", "rank", "elbo", "log_px", "khat_median", "active_units"]
     pd.testing.assert_frame_equal(serial[cols], parallel[cols])
+
+
+class _KillsItsWorker:
+    """A prior spec whose unpickling ends the process: the worker dies as in an out-of-memory kill."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_a_dead_worker_fails_its_cell_only(digits, tmp_path):
+    comp = compare(digits, priors=["normal", _KillsItsWorker()], settings=TINY, out=tmp_path, jobs=2, progress=None)
+    df = comp.table()
+    assert list(df["status"]) == ["ok", "failed"]
+    assert df["error"].iloc[1].startswith("worker process died")
+
+
+def test_labels_stay_unique_and_ranks_follow_the_numbers(digits, grid, tmp_path):
+    """A fitted model named like a grid cell gets its own label; the ranking follows each row's own scores."""
+    untrained = compare_cells.build_vae(Cell("normal", "categorical"), TINY, digits)
+    comp = compare(digits, likelihoods=["categorical"], models={"normal · categorical · normal": untrained},
+                   settings=TINY, out=tmp_path, progress=None)  # fmt: skip
+    df = comp.table()
+    assert sorted(df["cell"]) == ["normal · categorical · normal", "normal · categorical · normal #2"]
+    best = df[df["rank"] == 1]
+    assert best["log_px"].item() == df["log_px"].max() and best["cell"].item() == "normal · categorical · normal"
+
+
+def test_the_default_likelihood_is_named_so_it_is_not_a_second_cell(digits):
+    with pytest.raises(ppvae.ConfigError, match="repeats a cell"):
+        compare(digits, likelihoods=[None, "categorical"])
+
+
+def test_unknown_diagnose_options_are_refused_before_training(digits, tmp_path):
+    bad = dataclasses.replace(TINY, diagnose={"num_gap_point": 3})
+    with pytest.raises(ppvae.ConfigError, match="num_gap_point"):
+        compare(digits, settings=bad, out=tmp_path)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_a_finished_fit_is_rescored_not_retrained(digits, grid, monkeypatch):
+    """Killed between saving model.pt and result.json: the rerun scores the saved model; fit is not called."""
+    comp, out = grid
+    key = compare_cells.cell_key(Cell("normal", "categorical"), TINY, compare_cells.data_fingerprint(digits))
+    (out / "cells" / key / "result.json").unlink()
+    monkeypatch.setattr(compare_cells, "fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    again = compare(digits, priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"], settings=TINY,
+                    out=out, progress=None)  # fmt: skip
+    cols = ["cell", "rank", "log_px", "elbo"]
+    pd.testing.assert_frame_equal(again.table()[cols], comp.table()[cols])
+
+
+def test_rows_with_zero_probability_rank_last_and_nan_rows_are_not_ranked():
+    rng = np.random.default_rng(0)
+    base = rng.normal(-100, 5, size=50)
+    arrays = {"good": base + 1, "worse": base, "zero": base + 5, "nan": base + 3}
+    arrays["zero"][3] = -np.inf  # best on average, but a test datapoint has probability 0
+    arrays["nan"][:10] = np.nan  # 20% NaN rows
+    cells = [
+        {"label": k, "status": "ok", "group": "g", "arrays": {"log_px": v},
+         "diagnosis": {"evaluation": {}, "psis": {"khat_median": 0.1, "khat_p90": 0.2, "share_above_threshold": 0.0,
+                                                  "ess_per_sample_median": 0.5}}}
+        for k, v in arrays.items()
+    ]  # fmt: skip
+    df = build_table(cells, TINY).set_index("cell")
+    assert df.loc["good", "rank"] == 1 and df.loc["worse", "rank"] == 2 and df.loc["zero", "rank"] == 3
+    assert np.isnan(df.loc["nan", "rank"]) and "not ranked" in df.loc["nan", "warnings"]
+    assert "zero probability" in df.loc["zero", "warnings"] and df.loc["good", "num_compared"] == 50
+    assert df.loc["worse", "delta_per_point"] == pytest.approx(-1.0)
