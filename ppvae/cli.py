@@ -68,7 +68,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--clip-norm", type=float, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/last.pt (a killed run resumes from its last finished epoch and ends "
+        "with the same weights as an uninterrupted one)",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a NaN/Inf loss or gradient stops training with the weights from before that batch, saved in "
+        "OUT/checkpoints/nonfinite.pt (raise, the default), or skips the batch, counted in the history (skip)",
+    )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -190,6 +202,7 @@ def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.Dat
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,
         progress=not args.no_progress,
+        on_nonfinite=args.on_nonfinite,
     )
     seconds = time.perf_counter() - t0
     model.to("cpu")
@@ -321,6 +334,9 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "info":
             _info(args)
     except PPVAEError as err:
+        print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment, not a bug: a full disk, a read-only or vanished directory
         print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

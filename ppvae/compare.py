@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -349,8 +350,23 @@ _WORKER_DATA: DataSplits | None = None
 def _init_worker(data: DataSplits, threads: int) -> None:
     global _WORKER_DATA
     _WORKER_DATA = data
+    _exit_with_parent()
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")  # the parent reports each cell's findings; worker warnings would interleave
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the grid's process is gone (killed): a rerun must not race an orphan on the same cell."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _worker_cell(cell: Cell, settings: GridSettings, directory: Path) -> dict:

@@ -3,9 +3,12 @@
 A file is a ``torch.save`` archive of plain containers, strings, numbers and tensors: the model's configuration
 as JSON text, its ``state_dict``, and (for checkpoints) the optimizer and RNG states. It is read with
 ``torch.load(weights_only=True)``, which refuses to unpickle arbitrary objects, so a file from someone else
-cannot run code. Writes go to a temporary file in the same directory, are flushed to disk, and renamed over the
-target, so a crash never leaves a half-written file under the real name; the previous file is kept as
-``<name>.prev``.
+cannot run code (a raw pickle is refused before any unpickler sees it: a torch archive is a zip file).
+
+Writes go to a temporary file in the same directory, are flushed to disk (``fsync``) and renamed over the target,
+so a crash or ``SIGKILL`` never leaves a half-written file under the real name, and the real name always exists
+once written: the previous file is kept as ``<name>.prev`` (a hard link, made before the rename), the older
+checkpoint to fall back to if the newest is ever damaged.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,6 +36,7 @@ VERSION = 1
 
 
 def _write_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, keep the current file as ``<name>.prev``, rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -40,12 +45,45 @@ def _write_atomic(obj: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp, path)
+            _keep_previous(path)
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix or nothing
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``<name>.prev`` the current file without a moment where ``path`` is missing (a kill then loses nothing)."""
+    prev = previous(path)
+    tmp = path.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # a second name for the same data: no copy, and path stays in place
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush the directory entry of a rename, so the new name survives a power cut (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def previous(path: str | os.PathLike) -> Path:
+    """Where the version of ``path`` before its last write is kept: ``<name>.prev`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,10 +93,13 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     exists, the previous checkpoint to use instead.
     """
     path = Path(path)
+    prev = previous(path)
+    return _read(path, f"; the previous checkpoint {prev} may still be good" if prev.exists() else "")
+
+
+def _read(path: Path, hint: str) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no such file: {path}")
-    prev = path.with_name(path.name + ".prev")
-    hint = f"; the previous checkpoint {prev} may still be good" if prev.exists() else ""
     if not zipfile.is_zipfile(path):
         # torch.save writes a zip archive; anything else (a raw pickle, a truncated or foreign file) is never
         # handed to an unpickler at all.
@@ -127,15 +168,28 @@ def save(
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
     path = Path(path)
-    _write_atomic(obj, path)
+    try:
+        _write_atomic(obj, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}; free space or write elsewhere") from None
     return path
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a saved model: a ppvae.VAE is rebuilt from its config; other modules need ``model=`` to load into."""
+    """Load a saved model: a ppvae.VAE is rebuilt from its config; other modules need ``model=`` to load into.
+
+    ``path`` may also be a training checkpoint of ``fit`` (``last.pt``, ``best.pt``, ``nonfinite.pt``). Files are
+    read by :func:`read`, which never unpickles arbitrary objects.
+    """
     obj = read(path)
+    kind = obj.get("kind")
+    if kind == "checkpoint" and "state_dict" not in obj:
+        raise CheckpointError(
+            f"{path} is a checkpoint of a pair of functions (Pyro parameters, no module); resume it with "
+            "ppvae.fit(model, data, guide=..., checkpoint_dir=..., resume=True)"
+        )
     if model is None:
-        if obj.get("kind") != "vae":
+        if not obj.get("config") or kind not in ("vae", "checkpoint"):
             raise CheckpointError(
                 f"{path} holds the weights of a custom {obj.get('class')}; build one and pass it: "
                 f"ppvae.load({str(path)!r}, model=...)"
@@ -156,17 +210,44 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
 
 
 def prepare_dir(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` and check now, not after an hour of training, that files can be written there."""
+    """Create ``directory`` and check now, not after an hour of training, that files can be written there.
+
+    Writes, fsyncs and removes a small probe file: a read-only directory, a path under a regular file, or a full
+    disk fail here with a :class:`CheckpointError` naming the directory.
+    """
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".ppvae-write-test"):
-            pass
+        fd, probe = tempfile.mkstemp(prefix=".ppvae-write-test.", dir=directory)
+        try:
+            os.write(fd, b"\0" * 4096)  # data, not just a name: a full disk may still create empty files
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as err:
         raise CheckpointError(
-            f"cannot write checkpoints to {directory}: {err.strerror or err}; choose another directory"
+            f"cannot write checkpoints to {directory}: {err.strerror or err}; choose another directory (or free space)"
         ) from None
     return directory
+
+
+def check_space(directory: Path, params: list[tuple[str, Tensor]]) -> None:
+    """Refuse to start training when ``directory`` lacks room for the checkpoints it will hold.
+
+    A checkpoint holds about 5 copies of the parameters (weights, Adam's two moments, the best weights, the
+    module's state); ``last.pt``, ``best.pt``, their ``.prev`` and a temporary file make 5 checkpoints.
+    """
+    need = 25 * sum(p.numel() * p.element_size() for _, p in params) + (1 << 20)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # cannot tell: the probe write in prepare_dir passed
+    if free < need:
+        raise CheckpointError(
+            f"not enough space for checkpoints in {directory}: {free / 2**20:.1f} MiB free, about "
+            f"{need / 2**20:.1f} MiB needed; free space or choose another checkpoint directory"
+        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -198,9 +279,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training(
-    path: Path, model: Any, params: list[tuple[str, Tensor]], optimizer: torch.optim.Optimizer, result: Any
+    path: Path,
+    model: Any,
+    params: list[tuple[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    result: Any,
+    *,
+    extra: dict | None = None,
 ) -> None:
-    """Checkpoint everything needed to resume training exactly: weights, optimizer, RNG, history."""
+    """Checkpoint everything needed to resume training exactly: weights (and the module's buffers), Adam's state,
+    the RNG states of torch (and CUDA), numpy and Python, the history and the best weights so far.
+
+    The data order is not stored: it is drawn from the torch RNG at the start of each epoch, so the restored RNG
+    state replays it. ``extra``: JSON-serializable facts stored in the meta (e.g. where training failed).
+    """
     obj: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -209,7 +301,13 @@ def save_training(
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(),
         "meta": json.dumps(
-            {"history": result.history, "best_epoch": result.best_epoch, "best_score": result.best_score}
+            {
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "best_score": result.best_score,
+                "stopped_early": result.stopped_early,
+                **(extra or {}),
+            }
         ),
     }
     if result.best_params is not None:
@@ -218,15 +316,35 @@ def save_training(
         obj["state_dict"] = model.state_dict()
         obj["config"] = _config_json(model)
         obj["class"] = type(model).__name__
-    _write_atomic(obj, path)
+    try:
+        _write_atomic(obj, path)
+    except OSError as err:
+        kept = f"; {path} still holds the previous epoch's checkpoint" if path.exists() else ""
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {err.strerror or err}{kept}; free space (or fix permissions) and resume"
+        ) from None
 
 
 def restore_training(
-    path: Path, params: list[tuple[str, Tensor]], optimizer: torch.optim.Optimizer, result: Any
+    path: Path,
+    params: list[tuple[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    result: Any,
+    module: nn.Module | None = None,
 ) -> int:
-    """Load a checkpoint written by :func:`save_training` in place; returns the number of finished epochs."""
-    obj = read(path)
-    saved = obj.get("params", {})
+    """Load a checkpoint written by :func:`save_training` in place; returns the number of finished epochs.
+
+    Restores the parameters, ``module``'s buffers (running statistics and the like), Adam's state, every RNG
+    state and the history, so the next epoch runs exactly as it would have without the interruption. A damaged
+    checkpoint raises :class:`CheckpointError` naming it and the older checkpoint (``.prev``) to use instead.
+    """
+    try:
+        obj = _read(path, "")
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume: {err}{_fallback_hint(path)}") from None
+    saved = obj.get("params")
+    if obj.get("kind") != "checkpoint" or not isinstance(saved, dict) or "optimizer" not in obj or "rng" not in obj:
+        raise CheckpointError(f"cannot resume from {path}: it is a ppvae file but not a training checkpoint")
     names = [n for n, _ in params]
     if sorted(saved) != sorted(names):
         raise CheckpointError(
@@ -240,10 +358,28 @@ def restore_training(
                     f"parameter {name} in {path} has shape {tuple(saved[name].shape)}, the model's has {tuple(p.shape)}"
                 )
             p.copy_(saved[name])
-    optimizer.load_state_dict(obj["optimizer"])
+        state = obj.get("state_dict", {})
+        for name, b in module.named_buffers() if module is not None else ():
+            if name in state and state[name].shape == b.shape:
+                b.copy_(state[name])
+    try:
+        optimizer.load_state_dict(obj["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this model: {err}") from None
     _set_rng_state(obj["rng"])
     result.history[:] = obj["meta"]["history"]
     result.best_epoch = obj["meta"]["best_epoch"]
     result.best_score = obj["meta"]["best_score"]
+    result.stopped_early = bool(obj["meta"].get("stopped_early", False))
     result.best_params = obj.get("best_params")
     return len(result.history)
+
+
+def _fallback_hint(path: Path) -> str:
+    """How to go on from the older checkpoint kept beside a damaged one (empty when there is none to trust)."""
+    prev = previous(path)
+    try:
+        epochs = len(read(prev)["meta"].get("history", []))
+    except CheckpointError:
+        return ""
+    return f"; to resume from the older checkpoint ({epochs} epochs), move it over the damaged one: mv {prev} {path}"

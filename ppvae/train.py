@@ -4,6 +4,12 @@ The loop is PyTorch's: ``loss = ELBO.differentiable_loss(model, guide, batch)`` 
 the pair's parameters. This avoids two costs of Pyro's usual ``SVI`` + ``pyro.optim`` loop (one optimizer per
 parameter tensor, a ``.item()`` sync every step) and one trap (parameters fetched from the global store): the
 parameters are the model's own tensors, collected once and checked to receive gradients.
+
+Faults: every step checks the loss and the largest gradient entry (one device sync, as a loss check alone); a
+NaN/Inf stops training *before* the optimizer step (``on_nonfinite="raise"``) with a :class:`TrainingError` naming the
+epoch, the batch and the sample site whose log-probability is non-finite, or skips the batch
+(``on_nonfinite="skip"``, counted in the history). Checkpoints are written atomically after every epoch and hold
+everything a resumed run needs to end bitwise equal to an uninterrupted one (see :func:`ppvae.io.save_training`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -24,11 +31,14 @@ from torch import nn
 
 from . import io
 from .batches import Batches, make_batches
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, PPVAEError, TrainingError
+from .nonfinite import blame_sites, describe_fault
 from .objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
 from .params import collect_params, local_module_params
 
-__all__ = ["fit", "FitResult", "resolve_pair"]
+__all__ = ["fit", "FitResult", "resolve_pair", "ON_NONFINITE"]
+
+ON_NONFINITE = ("raise", "skip")
 
 
 @dataclass
@@ -39,7 +49,8 @@ class FitResult:
         model, guide: the trained pair (callables; bound methods for a module).
         module: the trained ``nn.Module`` owning the pair, or None for a pair of functions.
         history: one dict per epoch: ``epoch``, ``train_loss`` (negative β-ELBO, nats per datapoint),
-            ``val_elbo`` (ELBO with β = 1, nats per datapoint, or None), ``beta``, ``seconds``, ``examples_per_s``.
+            ``val_elbo`` (ELBO with β = 1, nats per datapoint, or None), ``beta``, ``seconds``, ``examples_per_s``,
+            ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``).
         best_epoch: the epoch whose parameters were kept (best validation ELBO, else the last).
         stopped_early: whether ``patience`` ran out.
         param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` sites); ``with
@@ -131,6 +142,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     validate_data: bool = True,
+    on_nonfinite: str = "raise",
 ) -> FitResult:
     """Train a model/guide pair by stochastic variational inference.
 
@@ -155,10 +167,20 @@ def fit(
         clip_norm: clip the global gradient norm to this value.
         seed: seeds torch, numpy and Python's RNG (None leaves them as they are).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
-        checkpoint_dir: write ``last.pt`` there after every epoch (atomically) and ``best.pt`` on improvement.
-        resume: continue from ``checkpoint_dir/last.pt`` if it exists (same data, same arguments).
+        checkpoint_dir: write ``last.pt`` there after every epoch and ``best.pt`` on improvement, atomically
+            (temporary file, fsync, rename; the one before kept as ``last.pt.prev``). Checked to be writable, with
+            room for the checkpoints, before training starts.
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists (same data, same arguments): parameters,
+            optimizer state, RNG states and history are restored, so the result equals an uninterrupted run
+            (bitwise on CPU); a run killed mid-epoch restarts that epoch. A damaged ``last.pt`` raises
+            :class:`CheckpointError` naming the older checkpoint to use.
         progress: show a progress bar with the loss and examples/s on stderr.
         validate_data: check data against the likelihood's support before training (a ppvae.VAE only).
+        on_nonfinite: what a NaN/Inf loss or gradient does. ``"raise"``: stop with a :class:`TrainingError`
+            naming the epoch, batch and sample site, with the parameters from before that batch kept (in the
+            model and in ``checkpoint_dir/nonfinite.pt``; ``last.pt`` stays the last good epoch). ``"skip"``: leave
+            the batch out (no optimizer step), count it in ``history[i]["skipped_batches"]`` and warn once per
+            epoch; an epoch whose every batch is skipped raises.
 
     Returns:
         :class:`FitResult` with a per-epoch ``history``.
@@ -177,6 +199,8 @@ def fit(
         _check_positive("clip_norm", clip_norm, float)
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ConfigError(f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got {on_nonfinite!r}")
 
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = _device(device)
@@ -203,6 +227,7 @@ def fit(
     ckpt_dir = io.prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
 
     store = pyro.get_param_store()
+    failure: TrainingError | None = None
     with ExitStack() as stack:
         # Each fit gets its own parameter store: nothing stale from an earlier model under the same names.
         param_state = stack.enter_context(store.scope())
@@ -213,13 +238,13 @@ def fit(
             stack.enter_context(pyro.validation_enabled(False))
         first = train.first()
         params = collect_params(model_fn, guide_fn, owner, first)
+        if ckpt_dir is not None:
+            io.check_space(ckpt_dir, params)
         optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
         result = FitResult(
             model_fn, guide_fn, owner, param_state=None if owner is not None else param_state, optimizer=optimizer
         )
-        start_epoch = 0
-        if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
-            start_epoch = io.restore_training(ckpt_dir / "last.pt", params, optimizer, result)
+        start_epoch = _resume(ckpt_dir, params, optimizer, result, owner) if resume and ckpt_dir is not None else 0
         steps_per_epoch = len(train)
         warmup_steps = kl_warmup * steps_per_epoch
         beta_now = [float(beta)]
@@ -242,73 +267,163 @@ def fit(
 
         bad_epochs = len(result.history) - (result.best_epoch or 0)
         checked_grads = start_epoch > 0
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            total, count = torch.zeros((), device=dev), 0
-            bar = _progress(progress, steps_per_epoch, epoch, epochs)
-            for step, batch in enumerate(train):
-                global_step = epoch * steps_per_epoch + step
-                beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
-                n = train.batch_len(batch)
-                loss = step_loss(*batch) / n
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if not checked_grads:
-                    _check_gradients(params)
-                    checked_grads = True
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; the parameters "
-                        "before this step are kept. Likely causes: a learning rate too high (try lr/10), a likelihood "
-                        "scale collapsing to 0, or data outside the likelihood's support; clip_norm=... can help"
+        trainable = [p for _, p in params]
+        try:
+            for epoch in range(start_epoch, epochs):
+                if result.stopped_early:  # resumed from the checkpoint of the epoch that ran out of patience
+                    break
+                t0 = time.perf_counter()
+                total, count, skipped, first_skip = torch.zeros((), device=dev), 0, 0, ""
+                bar = _progress(progress, steps_per_epoch, epoch, epochs)
+                for step, batch in enumerate(train):
+                    global_step = epoch * steps_per_epoch + step
+                    beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
+                    n = train.batch_len(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    invalid = None
+                    try:
+                        loss = step_loss(*batch) / n
+                        loss.backward()
+                    except ValueError as err:  # Pyro/torch validation: a distribution got NaN/Inf or bad values
+                        if isinstance(err, PPVAEError) or "invalid values" not in str(err):
+                            raise
+                        loss, invalid = None, err
+                    if loss is not None and not checked_grads:
+                        _check_gradients(params)
+                        checked_grads = True
+                    grad_max = None if loss is None else _grad_max(trainable)
+                    if loss is None or not _all_finite(loss, grad_max):
+                        where = f"epoch {epoch + 1}, batch {step + 1} of {steps_per_epoch}"
+                        what = describe_fault(loss, params, invalid)
+                        if on_nonfinite == "skip":
+                            skipped += 1
+                            if not first_skip:  # trace only the first one of an epoch: skipping stays cheap
+                                first_skip = f"{what} at {where}{blame_sites(model_fn, guide_fn, batch, dev)}"
+                            continue
+                        if bar is not None:
+                            bar.close()
+                        kept = _keep_last_good(ckpt_dir, model, params, optimizer, result, epoch, step)
+                        raise TrainingError(
+                            f"{what} at {where}{blame_sites(model_fn, guide_fn, batch, dev)}; training stopped "
+                            f"with the parameters from before this batch ({kept}). Likely causes: a learning rate too "
+                            f"high (lr={lr:g}: try {lr / 10:g}, or clip_norm=...), a likelihood scale collapsing "
+                            "to 0, or data outside the likelihood's support; on_nonfinite='skip' skips such batches"
+                        )
+                    if clip_norm is not None:
+                        nn.utils.clip_grad_norm_(trainable, clip_norm)
+                    optimizer.step()
+                    total += loss.detach() * n
+                    count += n
+                    if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
+                        seconds = time.perf_counter() - t0
+                        bar.set_postfix(
+                            loss=f"{total.item() / max(count, 1):.3f}", ex_s=f"{count / max(seconds, 1e-9):.0f}"
+                        )
+                        bar.update(step + 1 - bar.n)
+                if bar is not None:
+                    bar.close()
+                if skipped:
+                    if count == 0:
+                        raise TrainingError(
+                            f"every batch of epoch {epoch + 1} ({skipped}) had a non-finite loss or gradient, so "
+                            f"training cannot go on; first: {first_skip}. Lower the learning rate (lr={lr:g}) or "
+                            "check the data against the likelihood's support"
+                        )
+                    warnings.warn(
+                        f"skipped {skipped} of {steps_per_epoch} batches in epoch {epoch + 1} with a non-finite "
+                        f"loss or gradient (on_nonfinite='skip'); first: {first_skip}",
+                        RuntimeWarning,
+                        stacklevel=2,
                     )
-                if clip_norm is not None:
-                    nn.utils.clip_grad_norm_([p for _, p in params], clip_norm)
-                optimizer.step()
-                total += loss.detach() * n
-                count += n
-                if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
-                    seconds = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{total.item() / count:.3f}", ex_s=f"{count / max(seconds, 1e-9):.0f}")
-                    bar.update(step + 1 - bar.n)
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": total.item() / count,
-                "val_elbo": _mean_elbo(val_loss, val) if val is not None else None,
-                "beta": beta_now[0],
-                "seconds": seconds,
-                "examples_per_s": count / seconds,
-            }
-            result.history.append(record)
-            if progress:
-                print(_describe(record, epochs), file=sys.stderr)
-            score = record["val_elbo"] if val is not None else -record["train_loss"]
-            improved = score > result.best_score
-            if improved:
-                result.best_score = score
-                result.best_params = {name: p.detach().clone() for name, p in params}
-                result.best_epoch = epoch + 1
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            if ckpt_dir is not None:
-                io.save_training(ckpt_dir / "last.pt", model, params, optimizer, result)
+                seconds = time.perf_counter() - t0
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": total.item() / count,
+                    "val_elbo": _mean_elbo(val_loss, val) if val is not None else None,
+                    "beta": beta_now[0],
+                    "seconds": seconds,
+                    "examples_per_s": count / seconds,
+                    "skipped_batches": skipped,
+                }
+                result.history.append(record)
+                if progress:
+                    print(_describe(record, epochs), file=sys.stderr)
+                score = record["val_elbo"] if val is not None else -record["train_loss"]
+                improved = score > result.best_score
                 if improved:
-                    io.save_training(ckpt_dir / "best.pt", model, params, optimizer, result)
-            if patience is not None and bad_epochs >= patience:
-                result.stopped_early = True
-                break
-        if val is not None and result.best_params is not None:
-            with torch.no_grad():  # keep the parameters of the best validation epoch
-                for name, p in params:
-                    p.copy_(result.best_params[name])
+                    result.best_score = score
+                    result.best_params = {name: p.detach().clone() for name, p in params}
+                    result.best_epoch = epoch + 1
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+                result.stopped_early = patience is not None and bad_epochs >= patience
+                if ckpt_dir is not None:
+                    io.save_training(ckpt_dir / "last.pt", model, params, optimizer, result)
+                    if improved:
+                        io.save_training(ckpt_dir / "best.pt", model, params, optimizer, result)
+            if val is not None and result.best_params is not None:
+                with torch.no_grad():  # keep the parameters of the best validation epoch
+                    for name, p in params:
+                        p.copy_(result.best_params[name])
+        except TrainingError as err:  # leave the state before the failure in place (the store, for functions)
+            failure = err
     if owner is None:
         # A pair of functions reads its parameters from the global store: leave the trained ones there.
         store.set_state(param_state)
+    if failure is not None:
+        raise failure
     return result
+
+
+def _resume(
+    ckpt_dir: Path, params: list[tuple[str, torch.Tensor]], optimizer: Any, result: FitResult, owner: Any
+) -> int:
+    """Restore ``ckpt_dir/last.pt`` if there is one; the number of finished epochs (0: start afresh)."""
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        return io.restore_training(last, params, optimizer, result, owner)
+    if io.previous(last).exists():  # only a writer other than ppvae's leaves .prev without the file itself
+        raise CheckpointError(
+            f"cannot resume: {last} is missing but {io.previous(last)} exists; rename it to {last.name} to resume "
+            "from it, or start over in a new checkpoint_dir"
+        )
+    return 0
+
+
+def _grad_max(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Largest absolute gradient entry (NaN/Inf if any entry is) in one fused kernel; None without gradients.
+
+    The max, not the L2 norm: huge but finite gradients are Adam's to scale, not a fault, and a norm can overflow.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack(torch._foreach_norm(grads, math.inf)).max()
+
+
+def _all_finite(loss: torch.Tensor, grad_max: torch.Tensor | None) -> bool:
+    """One device sync for the loss and the gradients together."""
+    if grad_max is None:
+        return bool(torch.isfinite(loss))
+    return bool(torch.isfinite(loss) & torch.isfinite(grad_max))
+
+
+def _keep_last_good(
+    ckpt_dir: Path | None, model: Any, params: list, optimizer: Any, result: FitResult, epoch: int, step: int
+) -> str:
+    """Write the parameters from before a failed batch to ``nonfinite.pt``; say where the good state is."""
+    if ckpt_dir is None:
+        return "kept in memory; pass checkpoint_dir=... to keep them on disk too"
+    path = ckpt_dir / "nonfinite.pt"
+    try:
+        io.save_training(
+            path, model, params, optimizer, result, extra={"failed_at": {"epoch": epoch + 1, "batch": step + 1}}
+        )
+    except CheckpointError:
+        return f"kept in memory; writing {path} failed"
+    last = f", {ckpt_dir / 'last.pt'} holds the end of epoch {epoch}" if (ckpt_dir / "last.pt").exists() else ""
+    return f"kept in memory and in {path}{last}"
 
 
 def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
@@ -342,7 +457,8 @@ def _progress(enabled: bool, total: int, epoch: int, epochs: int):
 
 def _describe(record: dict, epochs: int) -> str:
     val = f"  val ELBO {record['val_elbo']:.3f}" if record["val_elbo"] is not None else ""
+    skipped = f"  {record['skipped_batches']} batches skipped" if record.get("skipped_batches") else ""
     return (
         f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.3f}{val}  "
-        f"β {record['beta']:.2f}  {record['seconds']:.1f}s  {record['examples_per_s']:.0f} ex/s"
+        f"β {record['beta']:.2f}  {record['seconds']:.1f}s  {record['examples_per_s']:.0f} ex/s{skipped}"
     )
