@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "LinearGaussian",
     "as_tensor",
     "check_finite",
+    "check_seed",
     "load",
 ]
 
@@ -60,26 +62,46 @@ def check_finite(x: Tensor, what: str) -> None:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise DataError(
             f"{what} holds {count} NaN/Inf value(s) (first at index {first}, example {first[0]}); "
-            "remove or impute them before training"
+            "remove or impute them before training or scoring"
         )
 
 
-def as_tensor(data: Any) -> Tensor:
-    """Convert an array, tensor or (nested) list of numbers to a float32 tensor; DataError on non-numeric data."""
+def as_tensor(data: Any, what: str = "data") -> Tensor:
+    """Convert an array, tensor or (nested) list of numbers to a float32 tensor; DataError on non-numeric data and on
+    finite values too large for float32 (they would silently become ±inf)."""
     if torch.is_tensor(data):
         if data.is_complex():
-            raise DataError(f"data must be real numbers; got a tensor of dtype {data.dtype}")
-        return data if data.dtype == torch.float32 else data.float()
+            raise DataError(f"{what} must be real numbers; got a tensor of dtype {data.dtype}")
+        if data.dtype == torch.float32:
+            return data
+        if data.is_floating_point() and data.numel():
+            _check_float32_range(float(data.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()), what)
+        return data.float()
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"cannot convert data of type {type(data).__name__} to an array: {exc}") from exc
+        raise DataError(f"cannot convert {what} of type {type(data).__name__} to an array: {exc}") from exc
     if arr.dtype.kind not in "biuf":
         raise DataError(
-            f"data must be numeric; got an array of dtype {arr.dtype} (kind {arr.dtype.kind!r}): "
+            f"{what} must be numeric; got an array of dtype {arr.dtype} (kind {arr.dtype.kind!r}): "
             "convert strings/objects to numbers first"
         )
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and arr.size:
+        _check_float32_range(float(np.nan_to_num(np.abs(arr), nan=0.0, posinf=0.0).max()), what)
+    # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,), hiding a wrong rank.
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32, order="C"))
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_range(largest: float, what: str) -> None:
+    """Finite values beyond float32's range would become ±inf in the float32 tensors ppvae trains on."""
+    if largest > _FLOAT32_MAX:
+        raise DataError(
+            f"{what} holds finite values as large as {largest:.4g} in magnitude, beyond float32's range "
+            f"(±{_FLOAT32_MAX:.4g}), where ppvae computes; rescale them (e.g. divide by their maximum or standardize)"
+        )
 
 
 class DynamicBinarized(Dataset):
@@ -147,11 +169,11 @@ class LinearGaussian:
     def __init__(
         self, data_dim: int = 8, latent_dim: int = 2, noise: float = 0.5, orthogonal: bool = True, seed: int = 0
     ) -> None:
-        if latent_dim < 1 or data_dim < 1:
+        if not (_is_int(latent_dim) and _is_int(data_dim)) or latent_dim < 1 or data_dim < 1:
             raise ConfigError(f"data_dim and latent_dim must be ≥ 1; got data_dim={data_dim}, latent_dim={latent_dim}")
         if orthogonal and latent_dim > data_dim:
             raise ConfigError(f"orthogonal=True needs latent_dim ≤ data_dim; got {latent_dim} > {data_dim}")
-        if not (noise > 0 and math.isfinite(noise)):
+        if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise > 0 and math.isfinite(noise)):
             raise ConfigError(f"noise must be a positive number; got {noise}")
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(data_dim, latent_dim, generator=g, dtype=torch.float64)
@@ -161,7 +183,7 @@ class LinearGaussian:
         self.W = w.float()
         self.b = torch.randn(data_dim, generator=g, dtype=torch.float64).float()
         self.sigma = float(noise)
-        self.data_dim, self.latent_dim, self.orthogonal = data_dim, latent_dim, orthogonal
+        self.data_dim, self.latent_dim, self.orthogonal = int(data_dim), int(latent_dim), bool(orthogonal)
 
     def sample(self, n: int, seed: int | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` pairs: x (n, D), z (n, d), float32. ``seed=None`` uses torch's global RNG."""
@@ -191,6 +213,18 @@ class LinearGaussian:
         prior = normal(0.0, 1.0).log_prob(z).sum(-1)
         loc = z @ self.W.double().T + self.b.double()
         return prior + normal(loc, self.sigma).log_prob(x).sum(-1)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int in [0, 2^32 − 1], the range every RNG ppvae seeds accepts (NumPy's is the narrowest);
+    :class:`ConfigError` otherwise."""
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ConfigError(f"{what} must be a whole number in [0, 2**32 - 1] (NumPy's seed range); got {seed!r}")
+    return int(seed)
 
 
 def _check_unit_interval(x: Tensor, what: str) -> None:
@@ -251,13 +285,46 @@ def _split(x: Tensor, y: Tensor | None, fr: tuple[float, ...], seed: int) -> lis
 
 def _labels(y: Any, n: int, what: str) -> Tensor:
     arr = np.asarray(y)
-    if (
-        arr.dtype.kind not in "biuf"
-        or arr.shape != (n,)
-        or (arr.dtype.kind == "f" and not np.all(arr == np.round(arr)))
-    ):
+    if arr.dtype.kind not in "biuf" or arr.shape != (n,):
         raise DataError(f"{what} labels must be {n} integers, shape ({n},); got dtype {arr.dtype}, shape {arr.shape}")
+    bad = np.zeros(arr.shape, dtype=bool)
+    if arr.dtype.kind == "f":  # whole numbers that int64 holds exactly: no NaN/inf, no silent wrap-around
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (np.abs(arr) > 2**53)
+    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+        bad = arr > np.iinfo(np.int64).max
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{what} labels must be {n} integers; got {arr[i]!r} at index {i} ({int(bad.sum())} such value(s), dtype "
+            f"{arr.dtype}): give whole-number class labels"
+        )
     return torch.from_numpy(arr.astype(np.int64))
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an .npz), or an empty one
+
+
+def _sniff(path: Path, expected: str) -> None:
+    """Refuse a .npy/.npz file that is neither a NumPy array nor a zip archive before NumPy sees it: np.load would
+    otherwise try it as a pickle (refused, with advice to allow pickles) and report random bytes as pickled data."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(_NPY_MAGIC) or head.startswith(_ZIP_MAGIC):
+        return
+    if not head:
+        kind = "it is empty"
+    elif head[:1] == b"\x80":
+        kind = "it looks like a Python pickle, which is never unpickled (that could run code)"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "it looks like text (for numbers in text, use a .csv file)"
+    else:
+        kind = f"it starts with bytes {head[:8]!r}"
+    raise DataError(
+        f"cannot read {path}: expected {expected}, but it has no NumPy header and is not a zip archive: {kind}; "
+        "save arrays with np.save / np.savez"
+    )
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -276,7 +343,10 @@ def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 skip = 0
             except ValueError:
                 skip = 1  # a header line
-            return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64), None
+            with warnings.catch_warnings():  # an empty file: reported as empty data below, not as a warning
+                warnings.simplefilter("ignore", UserWarning)
+                return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64), None
+        _sniff(path, expected)
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return loaded, None
@@ -288,11 +358,15 @@ def _read_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             return loaded[key], (loaded["y"] if "y" in keys and key == "x" else None)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
-        raise DataError(
-            f"cannot read {path}: expected {expected} ({type(exc).__name__}: {exc}); pickled objects "
-            "are refused for safety"
-        ) from exc
+    except ValueError as exc:
+        if "pickle" in str(exc):  # an object array: its elements are pickles, and unpickling could run code
+            raise DataError(
+                f"cannot read {path}: it holds an object array (pickled Python objects), refused because unpickling "
+                "a file can run code; save numeric arrays (np.save(path, x.astype(np.float32)))"
+            ) from exc
+        raise DataError(f"cannot read {path}: expected {expected} ({type(exc).__name__}: {exc})") from exc
+    except (OSError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path}: expected {expected} ({type(exc).__name__}: {exc})") from exc
 
 
 def _scale_array(x: Tensor, raw_dtype: Any, scale: bool | None, what: str) -> tuple[Tensor, int | None, dict]:
@@ -312,7 +386,9 @@ def _scale_array(x: Tensor, raw_dtype: Any, scale: bool | None, what: str) -> tu
     top = float(x.max()) if len(x) else 0.0
     if top <= 0:
         return x, None, {"scale": None}
-    levels = int(top) + 1 if bool(torch.all(x == torch.round(x))) else None
+    # Integer data give max + 1 grey levels, as long as float32 holds every integer up to max exactly (2^24);
+    # beyond that the grid k / max is not representable and the data are treated as continuous.
+    levels = int(top) + 1 if top <= 2**24 and bool(torch.all(x == torch.round(x))) else None
     return x / top, levels, {"scale": f"divide by max {top:g}"}
 
 
@@ -364,8 +440,11 @@ def load(
     ``labels`` for an array passed directly.
     """
     fr = _check_split(split)
+    seed = check_seed(seed)
     if binarize not in _BINARIZE:
         raise ConfigError(f"binarize must be one of {list(_BINARIZE)}; got {binarize!r}")
+    if scale not in (None, True, False):
+        raise ConfigError(f"scale must be None (the dataset's default), True or False; got {scale!r}")
     record: dict[str, Any] = {"split": list(fr), "seed": seed}
     generator, levels, y = None, None, None
     official_test: tuple[Tensor, Tensor] | None = None
@@ -373,7 +452,7 @@ def load(
     if isinstance(name, (Tensor, np.ndarray)):
         _no_extra(kwargs, ("labels",), "an array")
         label = "array"
-        x = as_tensor(name)
+        x = as_tensor(name, label)
         y = None if kwargs.get("labels") is None else _labels(kwargs["labels"], len(x), "the")
         x, levels, info = _scale_array(x, name.dtype, scale, label)
         record.update(source="array", **info)
@@ -401,7 +480,10 @@ def load(
         _no_extra(kwargs, allowed, key)
         if scale:
             raise ConfigError("linear-gaussian data are continuous and unbounded: scale=True does not apply")
-        n = int(kwargs.pop("n", 2000))
+        n = kwargs.pop("n", 2000)
+        if not _is_int(n) or n < 1:
+            raise ConfigError(f"n (the number of linear-gaussian examples) must be a whole number ≥ 1; got {n!r}")
+        n = int(n)
         generator = LinearGaussian(seed=seed, **kwargs)
         label, (x, _) = key, generator.sample(n, seed=seed)
         record.update(
@@ -415,8 +497,12 @@ def load(
         )
     elif isinstance(name, (str, os.PathLike)):
         path = Path(name)
-        if not path.is_file():
-            if path.suffix.lower() in FILE_TYPES or path.exists():
+        try:
+            is_file, exists = path.is_file(), path.exists()
+        except (OSError, ValueError):  # a name too long for the file system, or holding a NUL byte
+            is_file = exists = False
+        if not is_file:
+            if path.suffix.lower() in FILE_TYPES or exists:
                 raise DataError(f"data file {path} not found (or not a file); expected a {'/'.join(FILE_TYPES)} file")
             raise DataError(
                 f"unknown dataset {str(name)!r}: not a known name ({', '.join(KNOWN_NAMES)}) nor an "
@@ -427,7 +513,7 @@ def load(
         _no_extra(kwargs, (), "a data file")
         raw, raw_y = _read_file(path)
         label = str(name)
-        x = as_tensor(raw)
+        x = as_tensor(raw, str(path))
         y = None if raw_y is None else _labels(raw_y, len(x), str(path))
         x, levels, info = _scale_array(x, raw.dtype, scale, str(path))
         record.update(source=str(path), **info)

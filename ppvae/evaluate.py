@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .batches import make_batches
-from .errors import ConfigError
+from .data import as_tensor, check_seed
+from .errors import ConfigError, DataError
 from .logweights import log_weights, plate_nesting
 from .objectives import has_fast_elbo
 from .params import local_module_params
@@ -65,7 +67,8 @@ class Evaluation:
     @property
     def inference_gap(self) -> np.ndarray:
         """``(N,)`` log p̂(x) − ELBO: an estimate of KL(q(z|x) ‖ p(z|x)), nats."""
-        return self.log_px - self.elbo
+        with np.errstate(invalid="ignore"):  # inf − inf on non-finite datapoints: NaN, listed in ``nonfinite``
+            return self.log_px - self.elbo
 
     @property
     def bits_per_dim(self) -> np.ndarray | None:
@@ -166,12 +169,19 @@ def iter_log_weights(
     Chunks cover every datapoint (in order) and every particle; ``log_lik``/``kl`` are given for a ppvae.VAE.
     The chunks of one block of rows are views into ``(B, S)`` buffers allocated when the block starts.
     """
+    num_samples = _check_count("num_samples", num_samples, 1)
+    batch_size = 256 if batch_size is None else _check_count("batch_size", batch_size, 1)
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = _device(device)
     if owner is not None:
         owner.to(dev)
-    batches = make_batches(data, batch_size or 256, dev, shuffle=False, what="data", strict=False)
+    batches = make_batches(_as_data(data, owner), batch_size, dev, shuffle=False, what="data", strict=False)
+    if owner is not None:
+        # Shape and the likelihood's support, as fit checks them: a log-probability of data outside the support
+        # (0.5 under a Bernoulli, a value off a categorical's grid) is a finite-looking number that means nothing.
+        batches.check_against(owner)
     fast = has_fast_elbo(owner)
+    _check_memory(min(batch_size, batches.n or batch_size), num_samples, 3 if fast else 1)
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None
     start = 0
@@ -206,6 +216,46 @@ def iter_log_weights(
             start += n
 
 
+def _check_count(name: str, value: Any, low: int) -> int:
+    """An integer option (Python or NumPy integer, not a bool) ≥ ``low``, as an int; ConfigError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def _as_data(data: Any, owner: Any) -> Any:
+    """Data for a model with a ``data_shape`` (a ppvae.VAE) as float32, like ``ppvae.data.load`` gives them: integer
+    and boolean tensors are cast (an encoder's float weights cannot multiply them), complex ones refused."""
+    if isinstance(data, tuple) and not data:
+        raise DataError("data is an empty tuple; give a tensor (N, *data_shape) or a tuple of tensors (x, ...)")
+    if getattr(owner, "data_shape", None) is None:
+        return data  # a user's pair: its data are its arguments, whatever their dtype
+    if isinstance(data, tuple):
+        return (_as_data(data[0], owner), *data[1:])
+    if torch.is_tensor(data) or isinstance(data, (np.ndarray, list)):
+        return as_tensor(data)
+    return data
+
+
+# Bytes held per (datapoint, particle) of a block while it is scored: the float32 buffers (3 for a ppvae.VAE:
+# log-weights, log-likelihood, KL) and evaluate's float64 copies of them.
+_BYTES_PER_WEIGHT = 4 * 3 + 8 * 3
+
+
+def _check_memory(rows: int, num_samples: int, buffers: int) -> None:
+    """Refuse, before allocating, a (rows, num_samples) block that could not fit in this machine's memory."""
+    need = rows * num_samples * (_BYTES_PER_WEIGHT if buffers > 1 else 4 + 8)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform: let the allocator decide
+        return
+    if need > total:
+        raise ConfigError(
+            f"num_samples={num_samples} for blocks of {rows} datapoint(s) needs ~{need / 2**30:.3g} GiB for the "
+            f"log-weights, more than this machine's {total / 2**30:.3g} GiB of memory; lower num_samples or batch_size"
+        )
+
+
 def _data_dim(x: Tensor) -> int:
     return int(np.prod(x.shape[1:])) if x.dim() > 1 else 1
 
@@ -238,13 +288,32 @@ def evaluate(
     Returns:
         :class:`Evaluation`. A datapoint whose log-weights are NaN or infinite gets NaN/inf entries and is listed
         in ``Evaluation.nonfinite`` instead of stopping the evaluation.
+
+    Raises:
+        DataError: data holding NaN/Inf, of the wrong shape, or (for a model with a likelihood head) outside the
+            likelihood's support, checked as :func:`ppvae.fit` checks them: their log-probability would be a
+            finite-looking number that means nothing. Integer and boolean tensors are cast to float32.
+        ConfigError: an invalid option (num_samples, batch_size, seed, discrete), or log-weight blocks that could
+            not fit in memory.
     """
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
+    if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
         raise ConfigError(
             f"num_samples must be an integer ≥ 2 (importance sampling needs several), got {num_samples!r}"
         )
+    num_samples = int(num_samples)
+    if discrete is not None and not isinstance(discrete, (bool, np.bool_)):
+        raise ConfigError(f"discrete must be None (the likelihood says), True or False; got {discrete!r}")
+    likelihood = getattr(model, "likelihood", None) if isinstance(model, torch.nn.Module) else None
+    if discrete and likelihood is not None and not getattr(likelihood, "discrete", True):
+        raise ConfigError(
+            f"discrete=True, but the model's likelihood {type(likelihood).__name__} is a density, so its bits/dim "
+            "would not be comparable; score it as grey-level probabilities with "
+            "ppvae.evaluate(ppvae.discretize.scoring_view(model), x) instead"
+        )
+    if keep_log_weights:
+        _check_memory(_num_rows(data), num_samples, 1)
     if seed is not None:
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(check_seed(seed))
     parts: dict[str, list[np.ndarray]] = {}
     chunks = iter_log_weights(
         model, data, guide=guide, num_samples=num_samples, batch_size=batch_size, data_plate=data_plate, device=device
@@ -263,7 +332,6 @@ def evaluate(
             parts.setdefault(key, []).append(value.numpy())
     joined = {key: np.concatenate(values) for key, values in parts.items()}
     owner = model if isinstance(model, torch.nn.Module) else None
-    likelihood = getattr(owner, "likelihood", None)
     if discrete is None:
         discrete = bool(getattr(likelihood, "discrete", False))
     shape = getattr(owner, "data_shape", None)
@@ -279,6 +347,14 @@ def evaluate(
         log_weights=joined.get("log_weights"),
         split=split,
     )
+
+
+def _num_rows(data: Any) -> int:
+    x = data[0] if isinstance(data, tuple) and data else data
+    try:
+        return len(x)
+    except TypeError:
+        return 1
 
 
 def _first_dim(data: Any) -> int:

@@ -43,6 +43,10 @@ __all__ = [
 LIKELIHOODS = Registry("likelihood")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fmt(value: float) -> str:
     text = f"{value:.6g}"
     return text + ".0" if text.lstrip("-").isdigit() else text
@@ -92,6 +96,8 @@ class Likelihood(nn.Module):
 
     def check_data(self, x: Tensor) -> None:
         """Raise :class:`DataError` if ``x`` holds NaN/Inf or values outside this likelihood's support."""
+        if x.is_complex():  # casting would drop the imaginary part without a word
+            raise DataError(f"likelihood {self._name()!r} needs real data; got a tensor of dtype {x.dtype}")
         x = x if x.is_floating_point() else x.float()
         self._reject(
             x,
@@ -229,9 +235,11 @@ class _LocScale(Likelihood):
 
     def __init__(self, data_shape: Sequence[int], scale: float | str = 0.1, min_scale: float = 1e-3) -> None:
         super().__init__(data_shape)
-        learned = scale == "learned"
-        if not learned and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-            raise ConfigError(f"scale must be a positive number or 'learned', got {scale!r}")
+        learned = isinstance(scale, str) and scale == "learned"
+        if not learned and not (_is_number(scale) and 0 < scale < math.inf):
+            raise ConfigError(f"scale must be a positive finite number or 'learned', got {scale!r}")
+        if not (_is_number(min_scale) and 0 <= min_scale < math.inf):
+            raise ConfigError(f"min_scale must be a finite number ≥ 0, got {min_scale!r}")
         self.min_scale = float(min_scale)
         if learned:
             # Start at 0.1 (grey-level data in [0, 1]); min_scale keeps a constant pixel from collapsing the scale.
@@ -301,7 +309,7 @@ class _GridLikelihood(Likelihood):
 
     def __init__(self, data_shape: Sequence[int], levels: int = 256) -> None:
         super().__init__(data_shape)
-        if not (isinstance(levels, int) and levels >= 2):
+        if not (isinstance(levels, int) and not isinstance(levels, bool) and levels >= 2):
             raise ConfigError(f"levels must be an integer >= 2, got {levels!r}")
         self.levels = levels
 
@@ -432,7 +440,7 @@ class DiscretizedLogistic(_GridLikelihood):
 
     def __init__(self, data_shape: Sequence[int], components: int = 1, levels: int = 256) -> None:
         super().__init__(data_shape, levels)
-        if not (isinstance(components, int) and components >= 1):
+        if not (isinstance(components, int) and not isinstance(components, bool) and components >= 1):
             raise ConfigError(f"components must be a positive integer, got {components!r}")
         self.components = components
         self.num_params = 3 * components

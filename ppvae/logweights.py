@@ -58,6 +58,8 @@ def log_weights(
         data_plate: name of the plate holding the local latents and observations.
         max_plate_nesting: plate dims used by the pair (found with a dry run when None).
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be a whole number ≥ 1 (particles per datapoint), got {num_samples!r}")
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
     particle_dim = -max_plate_nesting - 1

@@ -16,8 +16,10 @@ the latent site is ``"z"`` and the observed site is ``"x"``. Kingma & Welling 20
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import pyro
 import torch
 from pyro.distributions import Distribution
@@ -63,15 +65,24 @@ class VAE(nn.Module):
         decoder: str | dict | nn.Module = "mlp",
     ) -> None:
         super().__init__()
-        if not (isinstance(latent_dim, int) and latent_dim > 0):
+        if not (_is_int(latent_dim) and latent_dim > 0):
             raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        self.data_shape = tuple(int(s) for s in data_shape)
-        self.latent_dim = latent_dim
-        self.likelihood = LIKELIHOODS.build(likelihood, data_shape=self.data_shape)
-        self.encoder = build_encoder(encoder, self.data_shape)
-        self.decoder = build_decoder(decoder, latent_dim, (self.likelihood.num_params, *self.data_shape))
-        self.guide_head = GUIDES.build(guide, in_features=self.encoder.out_features, latent_dim=latent_dim)
-        self.prior = PRIORS.build(prior, latent_dim=latent_dim, data_shape=self.data_shape)
+        self.data_shape = _check_data_shape(data_shape)
+        self.latent_dim = latent_dim = int(latent_dim)
+        try:
+            self.likelihood = LIKELIHOODS.build(likelihood, data_shape=self.data_shape)
+            self.encoder = build_encoder(encoder, self.data_shape)
+            self.decoder = build_decoder(decoder, latent_dim, (self.likelihood.num_params, *self.data_shape))
+            self.guide_head = GUIDES.build(guide, in_features=self.encoder.out_features, latent_dim=latent_dim)
+            self.prior = PRIORS.build(prior, latent_dim=latent_dim, data_shape=self.data_shape)
+        except RuntimeError as err:
+            # torch refusing the sizes: out of memory (CPU or CUDA), or a negative or zero layer width in a spec.
+            first = str(err).splitlines()[0][:160]
+            need = "not enough memory for" if "alloc" in first or "out of memory" in first else "cannot build"
+            raise ConfigError(
+                f"{need} the networks of a VAE with data_shape {self.data_shape}, latent_dim {latent_dim}, encoder "
+                f"{_describe(encoder)} and decoder {_describe(decoder)} (torch: {first}); use positive, smaller sizes"
+            ) from None
         if hasattr(self.prior, "attach"):  # VampPrior: a mixture of q(z | pseudo-inputs)
             self.prior.attach(self.encode)
         # A name unique to this instance: under Pyro's own SVI loop, pyro.module registers this model's
@@ -116,7 +127,15 @@ class VAE(nn.Module):
     @torch.no_grad()
     def generate(self, n: int) -> Tensor:
         """E[x | z] for ``n`` draws z ~ p(z): ``(n, *data_shape)``."""
-        z = self.prior().sample((n,))
+        if not (_is_int(n) and n > 0):
+            raise ConfigError(f"the number of datapoints to generate must be a positive integer, got {n!r}")
+        out = int(n) * max(self.latent_dim, self.likelihood.num_params * math.prod(self.data_shape))
+        if out > 2**31:  # float32 elements of the largest tensor: beyond 8 GiB, refuse instead of exhausting memory
+            raise ConfigError(
+                f"generating {n} datapoints of shape {self.data_shape} needs tensors of {out:,} numbers; "
+                "generate fewer at a time (e.g. in batches of 10,000)"
+            )
+        z = self.prior().sample((int(n),))
         return self.likelihood.mean(self.decoder(z))
 
     def config(self) -> dict:
@@ -139,6 +158,34 @@ class VAE(nn.Module):
                 )
             cfg[key] = _strip_context(spec)
         return cfg
+
+
+def _describe(spec: object) -> str:
+    return repr(spec) if isinstance(spec, (str, dict)) else type(spec).__name__
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_data_shape(data_shape: object) -> tuple[int, ...]:
+    """``data_shape`` as a tuple of positive ints (whole floats such as 28.0 are accepted); ConfigError otherwise."""
+    try:
+        dims = tuple(data_shape)  # type: ignore[arg-type]
+    except TypeError:
+        dims = None
+    ok = (
+        dims is not None
+        and len(dims) > 0
+        and not isinstance(data_shape, (str, bytes))
+        and all((_is_int(d) or (isinstance(d, float) and d.is_integer())) and d >= 1 for d in dims)
+    )
+    if not ok:
+        raise ConfigError(
+            f"data_shape must be the shape of one datapoint, a sequence of positive integers such as (1, 28, 28) or "
+            f"(784,); got {data_shape!r}"
+        )
+    return tuple(int(d) for d in dims)  # type: ignore[union-attr]
 
 
 def _strip_context(spec: dict) -> dict:
