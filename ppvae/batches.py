@@ -118,6 +118,8 @@ def make_batches(
         loader = DataLoader(data, batch_size=min(batch_size, n), shuffle=shuffle)
         return Batches(batch_size, device, shuffle, loader=loader)
     parts = data if isinstance(data, tuple) else (data,)
+    if not parts:
+        raise DataError(f"{what} is an empty tuple; give a tensor or array, or a tuple of them (model(*batch))")
     tensors = []
     for k, part in enumerate(parts):
         if not torch.is_tensor(part) and not isinstance(part, (np.ndarray, list)):
@@ -126,7 +128,14 @@ def make_batches(
                 f"got {type(part).__name__}"
             )
         name = what if len(parts) == 1 else f"{what}[{k}]"
-        t = as_tensor(part) if not torch.is_tensor(part) or part.is_floating_point() else part
+        # The first part is what the model scores (x): integer/bool data become float32. Later parts (labels,
+        # indices) keep an integer/bool dtype, whether given as tensors or arrays.
+        if k > 0 and not torch.is_tensor(part):
+            kind = np.asarray(part).dtype.kind if isinstance(part, np.ndarray) else None
+            if kind is not None and kind in "biu" and part.ndim:
+                part = torch.from_numpy(np.ascontiguousarray(part))
+        convert = k == 0 or not torch.is_tensor(part) or part.is_floating_point()
+        t = as_tensor(part, name) if convert else part
         if t.dim() == 0:
             raise DataError(f"{name} is a scalar; give one example per row, shape (N, ...)")
         if t.is_floating_point():

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyro
@@ -24,13 +24,13 @@ from . import __version__, io
 from . import data as datamod
 from .cli_compare import add_compare_args, add_demo_args, compare_command, demo_command
 from .cli_scoring import add_scoring_args, diagnose_command, evaluate_command
-from .errors import ConfigError, PPVAEError
+from .errors import ConfigError, PPVAEError, is_out_of_memory
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .objectives import OBJECTIVES
 from .priors import PRIORS
 from .runs import build_from_file, load_run, run_path
-from .specs import default_likelihood, parse_block, with_levels
+from .specs import default_likelihood, parse_block, seed_arg, with_levels
 from .train import fit
 from .vae import VAE
 
@@ -84,13 +84,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", default="runs/train", help="run directory to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (exit status 2), like every other ppvae error: the usage
+    block is what ``--help`` is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppvae", description="Train and inspect Pyro variational autoencoders.")
+    parser = _Parser(prog="ppvae", description="Train and inspect Pyro variational autoencoders.")
     parser.add_argument("--version", action="version", version=f"ppvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="train a VAE (or a model file) on a dataset and save the run"))
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("-n", "--num", type=int, default=64)
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p = sub.add_parser("info", help="what a saved run holds")
     p.add_argument("run", help="run directory or model.pt")
     return parser
@@ -290,8 +298,11 @@ def _info(args: argparse.Namespace) -> None:
         cfg = obj["config"]
         for key in ("data_shape", "latent_dim", "prior", "likelihood", "guide", "encoder", "decoder"):
             print(f"  {key:11s} {json.dumps(cfg[key])}")
-    n = sum(t.numel() for t in obj["state_dict"].values()) if "state_dict" in obj else 0
-    print(f"  weights     {n:,} numbers")
+    # A checkpoint of a pair of functions has no module: its weights are the Pyro parameters it optimized.
+    weights = obj.get("state_dict", obj.get("params", {}))
+    n = sum(t.numel() for t in weights.values())
+    kind = "" if "state_dict" in obj or not weights else f" in {len(weights)} Pyro parameters"
+    print(f"  weights     {n:,} numbers{kind}")
     for key in ("dataset", "binarize", "levels", "model_file"):
         if meta.get(key) is not None:
             print(f"  {key:11s} {meta[key]}")
@@ -338,6 +349,16 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except OSError as err:  # the environment, not a bug: a full disk, a read-only or vanished directory
         print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as err:  # out of memory is the environment too; anything else is a bug
+        if not is_out_of_memory(err):
+            raise
+        said = " ".join(str(err).split())[:160]
+        print(
+            f"ppvae {args.command}: error: out of memory ({said}); lower --batch-size (or --num-particles, "
+            "--num-samples)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"ppvae {args.command}: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ from .likelihoods import LIKELIHOODS
 from .objectives import OBJECTIVES
 from .plots import image_grid
 from .priors import PRIORS
-from .specs import parse_block
+from .specs import parse_block, seed_arg
 
 __all__ = ["add_compare_args", "add_demo_args", "compare_command", "demo_command", "DEMO_GRID", "QUICK_DIAGNOSE"]
 
@@ -58,7 +58,7 @@ DEMO_SETTINGS = GridSettings(
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=DEMO_SETTINGS.epochs, help="most epochs per cell (early stopping)")
     p.add_argument("--jobs", type=int, default=None, help="cells in parallel (default: 2 where there are 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data split and every cell")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the data split and every cell")
     p.add_argument("--out", default="runs/demo", help="cache, report and best run directory (default %(default)s)")
 
 
@@ -107,7 +107,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--guides", nargs="+", default=["normal"], help=f"space-separated; of {', '.join(GUIDES.names())}")
     p.add_argument("--objectives", nargs="+", default=["elbo"], choices=OBJECTIVES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0])
     p.add_argument("--latent-dim", type=int, default=16)
     p.add_argument("--encoder", default="mlp", help="shared by every cell (options: mlp:hidden=[256,128])")
     p.add_argument("--decoder", default="mlp", help="shared by every cell")
@@ -121,7 +121,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-diagnostics", action="store_true", help="ppvae diagnose's defaults for every cell")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (cores shared)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose cached result is a failure")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data split")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the data split")
     p.add_argument("--out", default="runs/compare", help="cache and report directory (default %(default)s)")
 
 

@@ -16,6 +16,7 @@ from .diagnostics import Diagnosis, diagnose, format_table, jsonable
 from .errors import ConfigError
 from .evaluate import evaluate
 from .runs import load_run, run_path, split_data
+from .specs import seed_arg
 
 __all__ = ["add_scoring_args", "evaluate_command", "diagnose_command"]
 
@@ -35,7 +36,7 @@ def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
         help="importance samples S per datapoint (≥ 2; default %(default)s); log p̂ is IWAE_S",
     )
     p.add_argument("--out", default=None, help=f"directory to write (default RUN/{what})")
-    p.add_argument("--seed", type=int, default=0, help="seeds the importance samples and every diagnostic")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seeds the importance samples and every diagnostic")
 
 
 def _check_args(args: argparse.Namespace, minimums: dict[str, int]) -> None:

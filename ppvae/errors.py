@@ -6,6 +6,8 @@ the value seen and the fix; the CLI prints it and exits with status 2, without a
 
 from __future__ import annotations
 
+import torch
+
 __all__ = ["PPVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]
 
 
@@ -27,3 +29,15 @@ class CheckpointError(PPVAEError, OSError):
 
 class TrainingError(PPVAEError, RuntimeError):
     """Training cannot start or cannot go on (parameters never optimized, non-finite loss, ...)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: Python's MemoryError, torch's CUDA/MPS out-of-memory, or the CPU
+    allocator's "can't allocate memory" (a plain RuntimeError in torch)."""
+    if isinstance(err, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())

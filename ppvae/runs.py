@@ -21,10 +21,16 @@ def load_model_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file {path} does not exist")
+    if path.suffix != ".py":
+        raise ConfigError(
+            f"model file {path} is not a Python file (.py); give a file that defines build(data_shape, latent_dim)"
+        )
     spec = importlib.util.spec_from_file_location(f"ppvae_user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import model file {path}: Python has no loader for it")
+    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        spec.loader.exec_module(module)
     except Exception as err:  # a user's file: report its error in one line
         raise ConfigError(f"cannot import model file {path}: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, "build", None)):

@@ -4,14 +4,15 @@ and the defaults that follow from a dataset (number of grey levels, binarization
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from typing import Any
 
-from .data import DataSplits
+from .data import DataSplits, check_seed
 from .errors import ConfigError
 
-__all__ = ["parse_block", "with_levels", "default_likelihood", "block_name"]
+__all__ = ["parse_block", "with_levels", "default_likelihood", "block_name", "seed_arg"]
 
 
 def parse_block(text: str) -> str | dict:
@@ -59,3 +60,16 @@ def block_name(spec: str | dict | Any) -> str:
     if isinstance(spec, dict):
         return str(spec["name"])
     return getattr(type(spec), "block_name", type(spec).__name__)
+
+
+def seed_arg(text: str) -> int:
+    """argparse ``type`` for seeds: a whole number in [0, 2^32 − 1] (checked by :func:`ppvae.data.check_seed`), so a
+    bad ``--seed`` is a one-line usage error rather than an error from NumPy once the work has started."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (seeds are in [0, 2**32 - 1])") from None
+    try:
+        return check_seed(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

@@ -31,7 +31,8 @@ from torch import nn
 
 from . import io
 from .batches import Batches, make_batches
-from .errors import CheckpointError, ConfigError, PPVAEError, TrainingError
+from .data import check_seed
+from .errors import CheckpointError, ConfigError, PPVAEError, TrainingError, is_out_of_memory
 from .nonfinite import blame_sites, describe_fault
 from .objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
 from .params import collect_params, local_module_params
@@ -150,7 +151,9 @@ def fit(
         model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods (an ``nn.Module`` or
             ``PyroModule``), or a model function written with ``pyro.module``/``pyro.param`` (then pass ``guide``).
         data: a tensor or array (called as ``model(x)``), a tuple of tensors (``model(*batch)``), a
-            ``torch.utils.data.Dataset`` or ``DataLoader``, or ``ppvae.data.DynamicBinarized``.
+            ``torch.utils.data.Dataset`` or ``DataLoader``, or ``ppvae.data.DynamicBinarized``. The data tensor
+            (the first of a tuple) is used as float32, integer or bool ones included; later tensors or integer
+            arrays in a tuple (labels, indices) keep their dtype.
         epochs: passes over ``data``.
         batch_size: examples per step (ignored for a ``DataLoader``, which batches itself).
         lr: Adam learning rate.
@@ -201,6 +204,8 @@ def fit(
         raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
     if on_nonfinite not in ON_NONFINITE:
         raise ConfigError(f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got {on_nonfinite!r}")
+    if seed is not None:
+        seed = check_seed(seed)
 
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = _device(device)
@@ -288,6 +293,18 @@ def fit(
                         if isinstance(err, PPVAEError) or "invalid values" not in str(err):
                             raise
                         loss, invalid = None, err
+                    except (RuntimeError, MemoryError) as err:
+                        if isinstance(err, PPVAEError) or not is_out_of_memory(err):
+                            raise
+                        if bar is not None:
+                            bar.close()
+                        said = " ".join(str(err).split())[:120]  # CUDA's message spans lines
+                        raise TrainingError(
+                            f"out of memory at epoch {epoch + 1}, batch {step + 1} on {dev} ({said}); "
+                            f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
+                            "model: lower batch_size or num_particles"
+                            + (", or vectorize_particles=False" if vectorize_particles and not fast else "")
+                        ) from err
                     if loss is not None and not checked_grads:
                         _check_gradients(params)
                         checked_grads = True

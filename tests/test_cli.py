@@ -108,6 +108,29 @@ def test_foreign_file_to_info(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_info_on_checkpoint_of_functions(tmp_path, capsys):
+    """A pair of functions has no module: info counts the Pyro parameters its checkpoint holds (3 + 2 numbers)."""
+    import pyro
+    import pyro.distributions as dist
+
+    import ppvae
+
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(3))
+        scale = pyro.param("scale", torch.ones(2), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, scale).to_event(1))
+            pyro.sample("x", dist.Normal(loc + z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(1))
+
+    ppvae.fit(model, torch.rand(6, 3), guide=guide, epochs=1, batch_size=3, checkpoint_dir=tmp_path, progress=False)
+    assert main(["info", str(tmp_path / "last.pt")]) == 0
+    assert "weights     5 numbers in 2 Pyro parameters" in capsys.readouterr().out
+
+
 def test_console_script_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ppvae.cli", "train", "--prior", "nope", "--out", str(tmp_path)],

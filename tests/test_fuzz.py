@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -27,7 +29,7 @@ from hypothesis.extra import numpy as hnp
 import ppvae
 from ppvae import data as datamod
 from ppvae.cli import main
-from ppvae.errors import ConfigError, DataError, PPVAEError
+from ppvae.errors import ConfigError, DataError, PPVAEError, TrainingError
 
 FAST = settings(
     max_examples=30,
@@ -440,23 +442,48 @@ def test_fit_edge_sizes():
         ppvae.fit(vae(), torch.rand(4), epochs=1, batch_size=1, progress=False, device="cpu")
 
 
-# Known gaps in fit's validation, outside the files this suite's fixes could touch (see the issue note). Strict:
-# when one is fixed, its xfail fails and should be removed.
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="batches.make_batches passes int/bool tensors raw")
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+# fit's own validation: integer data, seeds, an empty tuple, an allocation that cannot succeed.
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
 def test_fit_integer_tensor(dtype):
-    ppvae.fit(vae((3,), "bernoulli"), torch.ones(4, 3, dtype=dtype), epochs=1, batch_size=2, progress=False)
+    """Integer/bool data tensors train as float32, like integer arrays do."""
+    result = ppvae.fit(vae((3,), "bernoulli"), torch.ones(4, 3, dtype=dtype), epochs=1, batch_size=2, progress=False)
+    assert math.isfinite(result.history[-1]["train_loss"])
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError, RuntimeError), reason="fit does not check seed")
-@pytest.mark.parametrize("seed", [-1, 2**70])
+def test_fit_tuple_keeps_label_dtype():
+    """In a tuple, only the first part (the data the model scores) becomes float; labels keep an integer dtype."""
+    seen = []
+
+    def model(x, y):
+        seen.append((x.dtype, y.dtype))
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(x, y):
+        pass
+
+    labels = np.arange(4) % 2
+    ppvae.fit(model, (torch.ones(4, 3, dtype=torch.int32), labels), guide=guide, epochs=1, batch_size=2, progress=False)
+    assert set(seen) == {(torch.float32, torch.int64)}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**70, 1.5, "0"])
 def test_fit_bad_seed(seed):
-    ppvae.fit(vae(), torch.rand(4, 3), epochs=1, batch_size=2, seed=seed, progress=False)
+    with pytest.raises(ConfigError, match="seed must be a whole number"):
+        ppvae.fit(vae(), torch.rand(4, 3), epochs=1, batch_size=2, seed=seed, progress=False)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="batches.make_batches indexes an empty tuple")
 def test_fit_empty_tuple():
-    ppvae.fit(vae(), (), epochs=1, batch_size=2, progress=False)
+    with pytest.raises(DataError, match="empty tuple"):
+        ppvae.fit(vae(), (), epochs=1, batch_size=2, progress=False)
+
+
+def test_fit_out_of_memory_is_a_training_error():
+    """2^44 particles × 8 rows × 2 latents need 2^50 bytes, beyond any machine's address space: the allocator
+    refuses at once, and fit says what to lower."""
+    with pytest.raises(TrainingError, match="out of memory at epoch 1, batch 1 .* lower batch_size or num_particles"):
+        ppvae.fit(vae(), torch.rand(16, 3), epochs=1, batch_size=8, num_particles=2**44, progress=False)
 
 
 # ---------------------------------------------------------------- ppvae.evaluate
@@ -669,21 +696,29 @@ def test_cli_clear_errors(cli_files):
         assert len(err.strip().splitlines()) == 1, (argv, err)
 
 
-# Known CLI gaps (cli.py, runs.py, train.py: not touched here). Strict xfails: remove when fixed.
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError, RuntimeError), reason="sample: seed not checked")
 def test_cli_sample_huge_seed(cli_files):
-    run_cli(["sample", str(cli_files / "run"), "-n", "2", "--seed", str(2**70), "--out", str(cli_files / "s.png")])
+    argv = ["sample", str(cli_files / "run"), "-n", "2", "--seed", str(2**70), "--out", str(cli_files / "s.png")]
+    code, _, err = run_cli(argv)
+    assert_clean_exit(argv, code, err)
+    assert code == 2 and "argument --seed: seed must be a whole number" in err
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="runs.load_model_file: a non-.py file has no spec")
 def test_cli_model_file_not_python(cli_files):
     grey = str(cli_files / "grey.npy")
-    run_cli(["train", "--dataset", grey, "--model", grey, "--out", str(cli_files / "mf"), *TINY_FLAGS])
+    argv = ["train", "--dataset", grey, "--model", grey, "--out", str(cli_files / "mf"), *TINY_FLAGS]
+    code, _, err = run_cli(argv)
+    assert_clean_exit(argv, code, err)
+    assert code == 2 and "is not a Python file" in err
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fit: out-of-memory from num_particles not caught")
 def test_cli_huge_num_particles(cli_files):
-    run_cli(
-        ["train", "--dataset", str(cli_files / "grey.npy"), "--num-particles", str(2**40), "--batch-size", "8"]
-        + ["--epochs", "1", "--out", str(cli_files / "p"), *TINY_FLAGS]
-    )
+    argv = ["train", "--dataset", str(cli_files / "grey.npy"), "--num-particles", str(2**44), "--batch-size", "8"]
+    argv += ["--epochs", "1", "--out", str(cli_files / "p"), *TINY_FLAGS]
+    code, _, err = run_cli(argv)
+    assert_clean_exit(argv, code, err)
+    assert code == 2 and "out of memory" in err
+
+
+def test_cli_usage_error_is_one_line():
+    code, _, err = run_cli(["train", "--epochs"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ppvae train: error: argument --epochs")
