@@ -15,7 +15,8 @@ comparable numbers side by side:
 - every score says its estimator (``estimator``: IWAE_S, the ELBO column is the ELBO) and ``split``.
 
 Cells are cached on disk under a hash of their configuration and the data; an interrupted grid resumes from the
-finished cells; a failing cell is a row with its error; ``jobs`` runs cells in parallel processes whose torch
+finished cells; a rerun that changes only how cells are scored (S, test rows, diagnostics) rescores the trained
+models; a failing cell is a row with its error; ``jobs`` runs cells in parallel processes whose torch
 threads share the machine's cores.
 """
 
@@ -40,12 +41,15 @@ import torch
 from .compare_cells import (
     Cell,
     GridSettings,
+    adopt_trained,
     cell_key,
     data_fingerprint,
     load_cell,
     run_cell,
     score,
     short_spec,
+    train_key,
+    write_config,
     write_json_atomic,
 )
 from .compare_table import COLUMNS, build_table, verdict
@@ -164,8 +168,9 @@ def compare(
             not cached.
         settings: what every cell shares (networks, budget, S, test rows, diagnostics); default
             :class:`GridSettings`.
-        out: cache directory (``out/cells/<hash>/``); a rerun with the same directory reuses every finished cell.
-            Default: a temporary directory removed afterwards.
+        out: cache directory (``out/cells/<hash>/``); a rerun with the same directory reuses every finished cell,
+            and one with other scoring settings (``num_samples``, ``max_test_points``, ``diagnose``) reuses the
+            trained models and only scores them again. Default: a temporary directory removed afterwards.
         jobs: cells trained in parallel, one process per cell; each gets ``cores // jobs`` torch threads (cores
             this process may use). A cell whose process dies is a failed row.
         retry_failed: rerun cells whose cached result is a failure (default: report the cached failure).
@@ -194,8 +199,9 @@ def compare(
         fingerprint = data_fingerprint(data)
         dirs = [root / "cells" / cell_key(c, settings, fingerprint) for c in cells]
         results: dict[int, dict] = {}
-        todo = []
+        todo, rescored = [], set()
         for i, d in enumerate(dirs):
+            write_config(d, cells[i], settings, fingerprint)  # its keys: a later grid finds the model trained here
             done = load_cell(d)
             if done is not None and (done["status"] == "ok" or not retry_failed):
                 results[i] = done
@@ -205,10 +211,13 @@ def compare(
                 for name in ("checkpoints", "model.pt", "result.json"):
                     path = d / name
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            # Only the scoring settings changed since a model was trained: score that model, do not train again.
+            if adopt_trained(d, train_key(cells[i], settings, fingerprint)) is not None:
+                rescored.add(i)
             todo.append(i)
         for i, result in _run(todo, cells, dirs, settings, data, jobs):
             results[i] = load_cell(dirs[i]) or result
-            _say(progress, results[i], "done")
+            _say(progress, results[i], "rescored" if i in rescored else "done")
         ordered = [results[i] for i in range(len(cells))]
         if out is not None:  # where each cell's model, arrays and InferenceData live
             for result, d in zip(ordered, dirs, strict=True):

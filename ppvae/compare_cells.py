@@ -3,9 +3,11 @@
 A cell is one choice of prior × likelihood × guide × objective × seed; everything else (networks, latent size,
 budget, splits, test rows, diagnostics settings) is shared by the grid. Its directory holds::
 
-    config.json     what the cell is (the hash of this and the data names the directory)
+    config.json     what the cell is: the cell, the grid's settings, the data's hash, the ppvae version and the
+                    cell's two keys (the hash of all of it names the directory)
     checkpoints/    fit's checkpoints: a killed cell resumes where it stopped
-    model.pt        the trained VAE
+    model.pt        the trained VAE (taken from a cell with the same training key when one exists: a grid rerun
+                    with other scoring settings rescores the trained models instead of training them again)
     arrays.npz      per-datapoint scores and what the figures need (read with allow_pickle=False)
     diagnosis.nc    ArviZ InferenceData of the cell's diagnosis
     result.json     summary numbers, status and error; written last, atomically: its presence means "finished"
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import traceback
 import warnings
@@ -44,6 +47,10 @@ __all__ = [
     "GridSettings",
     "cell_key",
     "data_fingerprint",
+    "train_key",
+    "TRAINING_SETTINGS",
+    "adopt_trained",
+    "write_config",
     "group_of",
     "load_cell",
     "run_cell",
@@ -111,10 +118,71 @@ def data_fingerprint(splits: DataSplits) -> str:
     return h.hexdigest()
 
 
+# The GridSettings fields that decide a cell's trained model; the others (num_samples, max_test_points, diagnose)
+# only decide how it is scored. tests/test_compare.py checks that every field is in one list or the other.
+TRAINING_SETTINGS = ("latent_dim", "encoder", "decoder", "epochs", "batch_size", "lr", "num_particles", "patience")
+SCORING_SETTINGS = ("num_samples", "max_test_points", "diagnose")
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True, default=_key_part).encode()).hexdigest()[:20]
+
+
 def cell_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
     """A cell's cache key: its configuration, the shared settings, the data and the ppvae version."""
-    record = {"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__}
-    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True, default=_key_part).encode()).hexdigest()[:20]
+    return _digest({"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__})
+
+
+def train_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
+    """The part of :func:`cell_key` that decides the trained model: the cell, the training settings
+    (:data:`TRAINING_SETTINGS`), the data and the ppvae version. Cells with equal training keys differ only in how
+    they are scored, so one's model serves the other."""
+    training = {name: getattr(settings, name) for name in TRAINING_SETTINGS}
+    return _digest({"cell": asdict(cell), "training": training, "data": fingerprint, "ppvae": __version__})
+
+
+def write_config(directory: Path, cell: Cell, settings: GridSettings, fingerprint: str) -> None:
+    """Record what the cell in ``directory`` is, with its keys, in ``config.json`` (once; atomically)."""
+    path = directory / "config.json"
+    if path.exists():
+        return
+    record = {
+        "cell": asdict(cell),
+        "settings": asdict(settings),
+        "data": fingerprint,
+        "ppvae": __version__,
+        "cell_key": cell_key(cell, settings, fingerprint),
+        "train_key": train_key(cell, settings, fingerprint),
+    }
+    try:
+        write_json_atomic(path, record)
+    except OSError:  # a read-only cache of finished cells still reads; it only cannot lend its models
+        pass
+
+
+def adopt_trained(directory: Path, key: str) -> Path | None:
+    """Copy into ``directory`` the ``model.pt`` of another cell of the same cache whose training key is ``key``.
+
+    Returns the cell directory it came from, or None (``directory`` has a model already, or no other cell trained
+    this model). The copy is written under a temporary name and renamed, so a kill leaves no half model.pt.
+    """
+    if (directory / "model.pt").exists():
+        return None
+    for config in sorted(directory.parent.glob("*/config.json")):
+        donor = config.parent
+        if donor == directory or not (donor / "model.pt").exists():
+            continue
+        try:
+            if json.loads(config.read_text()).get("train_key") != key:
+                continue
+        except (OSError, ValueError):
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"model.pt.{os.getpid()}.tmp"
+        shutil.copyfile(donor / "model.pt", tmp)
+        os.replace(tmp, directory / "model.pt")
+        return donor
+    return None
 
 
 def _key_part(obj: Any) -> str:

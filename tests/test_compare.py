@@ -204,6 +204,43 @@ def test_a_finished_fit_is_rescored_not_retrained(digits, grid, monkeypatch):
     pd.testing.assert_frame_equal(again.table()[cols], comp.table()[cols])
 
 
+def test_new_scoring_settings_rescore_the_trained_models(digits, grid, tmp_path, monkeypatch):
+    """Only S changed: the cell gets a new directory, its model is the one trained before (bitwise), fit is not
+    called, and the scores are IWAE_32. A training setting changed: the cell trains."""
+    import shutil
+
+    import torch
+
+    out = tmp_path / "grid"
+    shutil.copytree(grid[1], out)
+    fingerprint = compare_cells.data_fingerprint(digits)
+    cell = Cell("normal", "categorical")
+    fewer = dataclasses.replace(TINY, num_samples=32)
+    assert compare_cells.train_key(cell, fewer, fingerprint) == compare_cells.train_key(cell, TINY, fingerprint)
+    assert compare_cells.cell_key(cell, fewer, fingerprint) != compare_cells.cell_key(cell, TINY, fingerprint)
+    monkeypatch.setattr(compare_cells, "fit", lambda *a, **k: pytest.fail("retrained a trained model"))
+    said = []
+    again = compare(
+        digits, priors=["normal"], likelihoods=["categorical"], settings=fewer, out=out, progress=said.append
+    )
+    assert said[0].startswith("rescored: normal · categorical · normal")
+    assert again.table()["estimator"].item() == "IWAE_32" and again.table()["status"].item() == "ok"
+    old_dir = out / "cells" / compare_cells.cell_key(cell, TINY, fingerprint)
+    new_dir = out / "cells" / compare_cells.cell_key(cell, fewer, fingerprint)
+    before, after = ppvae.load(old_dir / "model.pt").state_dict(), ppvae.load(new_dir / "model.pt").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    longer = dataclasses.replace(TINY, epochs=3)
+    assert compare_cells.train_key(cell, longer, fingerprint) != compare_cells.train_key(cell, TINY, fingerprint)
+    with pytest.raises(BaseException, match="retrained a trained model"):
+        compare(digits, priors=["normal"], likelihoods=["categorical"], settings=longer, out=out, progress=None)
+
+
+def test_every_grid_setting_is_either_training_or_scoring():
+    fields = {f.name for f in dataclasses.fields(GridSettings)}
+    training, scoring = set(compare_cells.TRAINING_SETTINGS), set(compare_cells.SCORING_SETTINGS)
+    assert training | scoring == fields and not training & scoring
+
+
 def test_rows_with_zero_probability_rank_last_and_nan_rows_are_not_ranked():
     rng = np.random.default_rng(0)
     base = rng.normal(-100, 5, size=50)
