@@ -69,6 +69,13 @@ class Batches:
             return _as_args(next(iter(self.loader)), self.device)
         return self._index(torch.arange(min(self.batch_size, self.n)))
 
+    def with_batch_size(self, batch_size: int) -> Batches:
+        """The same data in batches of ``batch_size`` (in-memory data or a ``get_batch`` source; a DataLoader
+        batches itself)."""
+        if self.loader is not None:
+            raise ValueError("a DataLoader's batch size is its own")
+        return Batches(batch_size, self.device, self.shuffle, tensors=self.tensors, source=self.source)
+
     @staticmethod
     def batch_len(batch: tuple[Tensor, ...]) -> int:
         return batch[0].shape[0]
@@ -95,9 +102,27 @@ class Batches:
 
 
 def _as_args(batch: Any, device: torch.device) -> tuple[Tensor, ...]:
-    if isinstance(batch, (list, tuple)):
-        return tuple(b.to(device) if torch.is_tensor(b) else b for b in batch)
-    return (batch.to(device),)
+    """A DataLoader's batch as arguments on ``device``; integer/bool data (the first part: uint8 images, as
+    torchvision gives them) become float32, as they do for in-memory data."""
+    parts = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+    return tuple(
+        (b.float() if k == 0 and not b.is_floating_point() else b).to(device) if torch.is_tensor(b) else b
+        for k, b in enumerate(parts)
+    )
+
+
+def _integer_labels(part: Any) -> Any:
+    """An integer/bool array or list given after the data in a tuple (labels, indices) as a tensor that keeps an
+    integer dtype: native byte order, unsigned types wider than 8 bits as int64 (torch supports them poorly).
+    Anything else is returned as it is, for :func:`as_tensor` to convert or refuse."""
+    try:
+        arr = np.asarray(part)
+    except (ValueError, TypeError):
+        return part
+    if arr.dtype.kind not in "biu" or arr.ndim == 0:
+        return part
+    dtype = np.dtype(np.int64) if arr.dtype.kind == "u" and arr.dtype.itemsize > 1 else arr.dtype.newbyteorder("=")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype))
 
 
 def make_batches(
@@ -131,9 +156,7 @@ def make_batches(
         # The first part is what the model scores (x): integer/bool data become float32. Later parts (labels,
         # indices) keep an integer/bool dtype, whether given as tensors or arrays.
         if k > 0 and not torch.is_tensor(part):
-            kind = np.asarray(part).dtype.kind if isinstance(part, np.ndarray) else None
-            if kind is not None and kind in "biu" and part.ndim:
-                part = torch.from_numpy(np.ascontiguousarray(part))
+            part = _integer_labels(part)
         convert = k == 0 or not torch.is_tensor(part) or part.is_floating_point()
         t = as_tensor(part, name) if convert else part
         if t.dim() == 0:

@@ -24,7 +24,7 @@ from . import __version__, io
 from . import data as datamod
 from .cli_compare import add_compare_args, add_demo_args, compare_command, demo_command
 from .cli_scoring import add_scoring_args, diagnose_command, evaluate_command
-from .errors import ConfigError, PPVAEError, is_out_of_memory
+from .errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .objectives import OBJECTIVES
@@ -353,10 +353,9 @@ def _run(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as err:  # out of memory is the environment too; anything else is a bug
         if not is_out_of_memory(err):
             raise
-        said = " ".join(str(err).split())[:160]
         print(
-            f"ppvae {args.command}: error: out of memory ({said}); lower --batch-size (or --num-particles, "
-            "--num-samples)",
+            f"ppvae {args.command}: error: out of memory ({describe_out_of_memory(err)}); lower --batch-size "
+            "(or --num-particles, --num-samples)",
             file=sys.stderr,
         )
         return 2

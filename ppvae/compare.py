@@ -199,7 +199,7 @@ def compare(
         fingerprint = data_fingerprint(data)
         dirs = [root / "cells" / cell_key(c, settings, fingerprint) for c in cells]
         results: dict[int, dict] = {}
-        todo, rescored = [], set()
+        todo = []
         for i, d in enumerate(dirs):
             write_config(d, cells[i], settings, fingerprint)  # its keys: a later grid finds the model trained here
             done = load_cell(d)
@@ -212,12 +212,11 @@ def compare(
                     path = d / name
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             # Only the scoring settings changed since a model was trained: score that model, do not train again.
-            if adopt_trained(d, train_key(cells[i], settings, fingerprint)) is not None:
-                rescored.add(i)
+            adopt_trained(d, train_key(cells[i], settings, fingerprint))
             todo.append(i)
         for i, result in _run(todo, cells, dirs, settings, data, jobs):
             results[i] = load_cell(dirs[i]) or result
-            _say(progress, results[i], "rescored" if i in rescored else "done")
+            _say(progress, results[i], "rescored" if results[i].get("rescored") else "done")
         ordered = [results[i] for i in range(len(cells))]
         if out is not None:  # where each cell's model, arrays and InferenceData live
             for result, d in zip(ordered, dirs, strict=True):

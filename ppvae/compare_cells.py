@@ -177,10 +177,17 @@ def adopt_trained(directory: Path, key: str) -> Path | None:
                 continue
         except (OSError, ValueError):
             continue
-        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"model.pt.{os.getpid()}.tmp"
-        shutil.copyfile(donor / "model.pt", tmp)
-        os.replace(tmp, directory / "model.pt")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:  # a hard link costs no space; model.pt is only ever replaced (new inode), never written in place
+                os.link(donor / "model.pt", tmp)
+            except OSError:
+                shutil.copyfile(donor / "model.pt", tmp)
+            os.replace(tmp, directory / "model.pt")
+        except OSError:  # a full disk, a read-only cache: the cell trains instead
+            tmp.unlink(missing_ok=True)
+            return None
         return donor
     return None
 
@@ -238,8 +245,9 @@ def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: 
     result: dict[str, Any] = {"label": cell.label(), "cell": jsonable(asdict(cell)), "status": "ok", "error": None}
     try:
         trained = _trained(directory)
-        if trained is not None:  # fit finished before an interruption: its model, not more epochs, is the cell
+        if trained is not None:  # fit finished before (an interruption, other scoring settings): score its model
             model, history = trained
+            result["rescored"] = True
             result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
             result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
             result["seconds"] = time.perf_counter() - start

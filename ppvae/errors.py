@@ -6,6 +6,8 @@ the value seen and the fix; the CLI prints it and exits with status 2, without a
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 __all__ = ["PPVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]
@@ -41,3 +43,13 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def describe_out_of_memory(err: BaseException, limit: int = 160) -> str:
+    """The useful part of an allocation failure's message, one line: the allocator's line without torch's
+    ``[enforce fail at ...] err == 0.`` prefix and without the trace shapes Pyro appends; cut with "…"."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = next((line for line in lines if "alloc" in line.lower() or "out of memory" in line.lower()), "")
+    text = text or (lines[0] if lines else type(err).__name__)
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -32,7 +32,14 @@ from torch import nn
 from . import io
 from .batches import Batches, make_batches
 from .data import check_seed
-from .errors import CheckpointError, ConfigError, PPVAEError, TrainingError, is_out_of_memory
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    PPVAEError,
+    TrainingError,
+    describe_out_of_memory,
+    is_out_of_memory,
+)
 from .nonfinite import blame_sites, describe_fault
 from .objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
 from .params import collect_params, local_module_params
@@ -165,7 +172,8 @@ def fit(
         beta: weight of the latent terms, β·(log p(z) − log q(z|x)) (Higgins et al. 2017). Scales the latent
             sites in model **and** guide, so it is β·KL, not β·log p(z) − log q(z|x).
         kl_warmup: epochs over which β rises linearly from 0 to ``beta`` (Sønderby et al. 2016).
-        val_data: held-out data scored each epoch by the ELBO with β = 1 (nats per datapoint).
+        val_data: held-out data scored each epoch by the ELBO with β = 1 (nats per datapoint), without
+            gradients, in batches of max(batch_size, 1024) rows, halved while memory runs out.
         patience: stop after this many epochs without a better validation ELBO and keep the best parameters.
         clip_norm: clip the global gradient norm to this value.
         seed: seeds torch, numpy and Python's RNG (None leaves them as they are).
@@ -298,9 +306,9 @@ def fit(
                             raise
                         if bar is not None:
                             bar.close()
-                        said = " ".join(str(err).split())[:120]  # CUDA's message spans lines
                         raise TrainingError(
-                            f"out of memory at epoch {epoch + 1}, batch {step + 1} on {dev} ({said}); "
+                            f"out of memory at epoch {epoch + 1}, batch {step + 1} on {dev} "
+                            f"({describe_out_of_memory(err)}); "
                             f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
                             "model: lower batch_size or num_particles"
                             + (", or vectorize_particles=False" if vectorize_particles and not fast else "")
@@ -456,12 +464,33 @@ def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
 
 @torch.no_grad()
 def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
-    """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint."""
-    total, count = 0.0, 0
-    for batch in batches:
-        total -= loss_fn(*batch).item()
-        count += batches.batch_len(batch)
-    return total / count
+    """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint.
+
+    Without gradients (a score, not a step). Out of memory: in-memory data are scored again in batches half as
+    large, down to one row; a DataLoader (which sets its own batch size) stops with a :class:`TrainingError`.
+    """
+    while True:
+        try:
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for batch in batches:
+                    total -= loss_fn(*batch).item()
+                    count += batches.batch_len(batch)
+            return total / count
+        except (RuntimeError, MemoryError) as err:
+            if isinstance(err, PPVAEError) or not is_out_of_memory(err):
+                raise
+            if batches.loader is not None or batches.batch_size == 1:
+                fix = (
+                    "give val_data as a DataLoader with smaller batches"
+                    if batches.loader is not None
+                    else ("one datapoint does not fit in memory")
+                )
+                raise TrainingError(
+                    f"out of memory scoring val_data in batches of {batches.batch_size} rows "
+                    f"({describe_out_of_memory(err)}); {fix}"
+                ) from err
+            batches = batches.with_batch_size(max(1, batches.batch_size // 2))
 
 
 def _progress(enabled: bool, total: int, epoch: int, epochs: int):

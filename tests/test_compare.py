@@ -235,6 +235,27 @@ def test_new_scoring_settings_rescore_the_trained_models(digits, grid, tmp_path,
         compare(digits, priors=["normal"], likelihoods=["categorical"], settings=longer, out=out, progress=None)
 
 
+def test_a_failed_model_copy_trains_the_cell_instead(tmp_path, monkeypatch):
+    """A full disk while taking another cell's model: no temporary file is left, and adopt_trained says None."""
+    import json
+
+    donor, cell = tmp_path / "cells" / "a", tmp_path / "cells" / "b"
+    donor.mkdir(parents=True)
+    (donor / "model.pt").write_bytes(b"weights")
+    (donor / "config.json").write_text(json.dumps({"train_key": "k"}))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    monkeypatch.setattr(compare_cells.shutil, "copyfile", full)
+    assert compare_cells.adopt_trained(cell, "k") is None
+    assert list(cell.iterdir()) == []
+    monkeypatch.undo()
+    assert compare_cells.adopt_trained(cell, "k") == donor and (cell / "model.pt").read_bytes() == b"weights"
+    assert compare_cells.adopt_trained(tmp_path / "cells" / "c", "other key") is None
+
+
 def test_every_grid_setting_is_either_training_or_scoring():
     fields = {f.name for f in dataclasses.fields(GridSettings)}
     training, scoring = set(compare_cells.TRAINING_SETTINGS), set(compare_cells.SCORING_SETTINGS)

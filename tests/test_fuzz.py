@@ -450,7 +450,17 @@ def test_fit_integer_tensor(dtype):
     assert math.isfinite(result.history[-1]["train_loss"])
 
 
-def test_fit_tuple_keeps_label_dtype():
+@pytest.mark.parametrize(
+    "labels, dtype",
+    [
+        (np.arange(4) % 2, torch.int64),
+        ((np.arange(4) % 2).astype(">i4"), torch.int32),  # big-endian: native order, same values
+        ([0, 1, 0, 1], torch.int64),  # a list like an array
+        ((np.arange(4) % 2).astype(np.uint16), torch.int64),  # unsigned wider than 8 bits: int64
+        (np.array([True, False, True, False]), torch.bool),
+    ],
+)
+def test_fit_tuple_keeps_label_dtype(labels, dtype):
     """In a tuple, only the first part (the data the model scores) becomes float; labels keep an integer dtype."""
     seen = []
 
@@ -463,9 +473,74 @@ def test_fit_tuple_keeps_label_dtype():
     def guide(x, y):
         pass
 
-    labels = np.arange(4) % 2
     ppvae.fit(model, (torch.ones(4, 3, dtype=torch.int32), labels), guide=guide, epochs=1, batch_size=2, progress=False)
-    assert set(seen) == {(torch.float32, torch.int64)}
+    assert set(seen) == {(torch.float32, dtype)}
+    assert all(y.tolist() == [0, 1] or y.tolist() == [1, 0] for y in _labels_seen(model, labels))
+
+
+def _labels_seen(model, labels):
+    """The label batches fit hands the model, in storage order (values survive the conversion)."""
+    from ppvae.batches import make_batches
+
+    batches = make_batches((torch.ones(4, 3), labels), 2, torch.device("cpu"), shuffle=False, what="data")
+    return [b[1].long() for b in batches]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int64])
+def test_fit_integer_data_from_a_dataloader(dtype):
+    """uint8 images from a DataLoader (torchvision's way) train as float32, like in-memory integer data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.ones(4, 3, dtype=dtype)), batch_size=2)
+    result = ppvae.fit(vae((3,), "bernoulli"), loader, epochs=1, progress=False)
+    assert math.isfinite(result.history[-1]["train_loss"])
+
+
+def _oom_pair(limit_rows: int | None):
+    """A pair whose model runs out of memory (the CPU allocator's error) when scoring more than ``limit_rows``
+    rows without gradients (validation); ``None``: always, without gradients."""
+
+    def model(x):
+        if not torch.is_grad_enabled() and (limit_rows is None or len(x) > limit_rows):
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                f"you tried to allocate {len(x) * 10**12} bytes. Error code 12 (Cannot allocate memory)"
+            )
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    return model, guide
+
+
+def test_validation_out_of_memory_retries_in_smaller_batches():
+    """Validation runs without gradients; out of memory at 20 rows, it scores again in 10, then 5, and goes on."""
+    model, guide = _oom_pair(limit_rows=6)
+    result = ppvae.fit(model, torch.rand(8, 3), guide=guide, val_data=torch.rand(20, 3), epochs=2, batch_size=4,
+                       progress=False)  # fmt: skip
+    assert all(math.isfinite(h["val_elbo"]) for h in result.history)
+
+
+def test_validation_out_of_memory_at_one_row_is_a_training_error():
+    model, guide = _oom_pair(limit_rows=None)
+    with pytest.raises(TrainingError, match=r"out of memory scoring val_data in batches of 1 rows \(DefaultCPU"):
+        ppvae.fit(model, torch.rand(8, 3), guide=guide, val_data=torch.rand(20, 3), epochs=1, batch_size=4,
+                  progress=False)  # fmt: skip
+
+
+def test_out_of_memory_message_keeps_the_size_and_drops_the_noise():
+    from ppvae.errors import describe_out_of_memory
+
+    err = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 10240000000000 bytes. Error code 12 (Cannot allocate memory)\nTrace Shapes:\n Param Sites:"
+    )
+    said = describe_out_of_memory(err)
+    assert said.startswith("DefaultCPUAllocator") and "10240000000000 bytes" in said and "Trace" not in said
+    assert describe_out_of_memory(RuntimeError("CUDA out of memory. " + "x" * 300)).endswith("…")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**70, 1.5, "0"])
