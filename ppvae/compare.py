@@ -22,15 +22,17 @@ threads share the machine's cores.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +172,8 @@ def compare(
             :class:`GridSettings`.
         out: cache directory (``out/cells/<hash>/``); a rerun with the same directory reuses every finished cell,
             and one with other scoring settings (``num_samples``, ``max_test_points``, ``diagnose``) reuses the
-            trained models and only scores them again. Default: a temporary directory removed afterwards.
+            trained models and only scores them again. One grid at a time: a second on the same directory is
+            refused while the first holds ``out/.lock``. Default: a temporary directory removed afterwards.
         jobs: cells trained in parallel, one process per cell; each gets ``cores // jobs`` torch threads (cores
             this process may use). A cell whose process dies is a failed row.
         retry_failed: rerun cells whose cached result is a failure (default: report the cached failure).
@@ -194,7 +197,7 @@ def compare(
     if len({_identity(c) for c in cells}) != len(cells):
         raise ConfigError("the grid repeats a cell: give each axis distinct values")
     _check_diagnose_options(settings.diagnose)
-    with tempfile.TemporaryDirectory() if out is None else _nullcontext(Path(out)) as root:
+    with tempfile.TemporaryDirectory() if out is None else _locked(Path(out)) as root:
         root = Path(root)
         fingerprint = data_fingerprint(data)
         dirs = [root / "cells" / cell_key(c, settings, fingerprint) for c in cells]
@@ -279,16 +282,37 @@ def _identity(cell: Cell) -> str:
     return json.dumps(parts, sort_keys=True, default=lambda o: f"{type(o).__name__}@{id(o)}")  # module blocks
 
 
-class _nullcontext:
-    def __init__(self, value: Path) -> None:
-        self.value = value
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[Path]:
+    """``root``, created, held under an exclusive lock on ``root/.lock`` while the grid runs: a second grid on the
+    same directory would train the same cells twice and race on their files, so it is refused with a one-line
+    error. The lock is the kernel's (``flock``): it goes with the process, so a killed grid leaves nothing to
+    clean up. Where there is no ``flock`` (Windows) or the directory is read-only (a finished cache being read),
+    nothing is locked."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
 
-    def __enter__(self) -> Path:
-        self.value.mkdir(parents=True, exist_ok=True)
-        return self.value
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+        handle = open(root / ".lock", "a+")  # held open for the lock's lifetime
+    except (ImportError, OSError):
+        yield root
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"{root} is in use by another compare ({holder}); wait for it to finish or give another out directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield root
+    finally:
+        handle.close()  # releases the lock
 
 
 def _say(progress: Callable[[str], None] | None, result: dict, how: str) -> None:

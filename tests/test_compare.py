@@ -256,6 +256,31 @@ def test_a_failed_model_copy_trains_the_cell_instead(tmp_path, monkeypatch):
     assert compare_cells.adopt_trained(tmp_path / "cells" / "c", "other key") is None
 
 
+def test_a_second_grid_on_the_same_directory_is_refused(digits, tmp_path):
+    """While one grid holds out/.lock, another compare on that directory stops with a one-line error naming the
+    holder; the lock goes with its holder."""
+    import subprocess
+    import sys
+
+    from ppvae.compare import _locked
+    from ppvae.errors import ConfigError
+
+    code = (
+        "import sys, time, pathlib; from ppvae.compare import _locked\n"
+        "with _locked(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"is in use by another compare \(pid {holder.pid} on "):
+            compare(digits, likelihoods=["categorical"], settings=TINY, out=tmp_path, progress=None)
+    finally:
+        holder.kill()
+        holder.wait()
+    with _locked(tmp_path):  # released with the killed process
+        pass
+
+
 def test_every_grid_setting_is_either_training_or_scoring():
     fields = {f.name for f in dataclasses.fields(GridSettings)}
     training, scoring = set(compare_cells.TRAINING_SETTINGS), set(compare_cells.SCORING_SETTINGS)
