@@ -122,7 +122,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (cores shared)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose cached result is a failure")
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the data split")
-    p.add_argument("--out", default="runs/compare", help="cache and report directory (default %(default)s)")
+    p.add_argument(
+        "--out",
+        default="runs/compare",
+        help="cache and report directory (default %(default)s); a rerun reuses its finished cells and trained "
+        "models; one grid at a time",
+    )
 
 
 def _report(result: Comparison, out: Path, start: float) -> None:
