@@ -106,7 +106,7 @@ def _as_args(batch: Any, device: torch.device) -> tuple[Tensor, ...]:
     torchvision gives them) become float32, as they do for in-memory data."""
     parts = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
     return tuple(
-        (b.float() if k == 0 and not b.is_floating_point() else b).to(device) if torch.is_tensor(b) else b
+        (as_tensor(b) if k == 0 and not b.is_floating_point() else b).to(device) if torch.is_tensor(b) else b
         for k, b in enumerate(parts)
     )
 

@@ -248,31 +248,26 @@ def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: 
         if trained is not None:  # fit finished before (an interruption, other scoring settings): score its model
             model, history = trained
             result["rescored"] = True
-            result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
-            result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
-            result["seconds"] = time.perf_counter() - start
-            write_json_atomic(directory / "result.json", result)
-            return result
-        model = build_vae(cell, settings, splits)
-        fitted = fit(
-            model,
-            splits.train,
-            val_data=splits.val,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            objective=cell.objective,
-            num_particles=settings.num_particles,
-            patience=settings.patience,
-            seed=cell.seed,
-            device="cpu",
-            checkpoint_dir=directory / "checkpoints",
-            resume=True,
-            progress=False,
-        )
-        result["history"] = fitted.history
-        result["train_seconds"] = sum(h.get("seconds", 0.0) for h in fitted.history)
-        save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, fitted.history))
+        else:
+            model = build_vae(cell, settings, splits)
+            history = fit(
+                model,
+                splits.train,
+                val_data=splits.val,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                objective=cell.objective,
+                num_particles=settings.num_particles,
+                patience=settings.patience,
+                seed=cell.seed,
+                device="cpu",
+                checkpoint_dir=directory / "checkpoints",
+                resume=True,
+                progress=False,
+            ).history
+            save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, history))
+        result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
         result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
     except Exception as err:  # noqa: BLE001 - a failing cell is reported in the table, the grid goes on
         result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())

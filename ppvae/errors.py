@@ -35,7 +35,10 @@ class TrainingError(PPVAEError, RuntimeError):
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure: Python's MemoryError, torch's CUDA/MPS out-of-memory, or the CPU
-    allocator's "can't allocate memory" (a plain RuntimeError in torch)."""
+    allocator's "can't allocate memory" (a plain RuntimeError in torch). Never a :class:`PPVAEError`, whose own
+    message may say "out of memory" after the allocation failure has been reported."""
+    if isinstance(err, PPVAEError):
+        return False
     if isinstance(err, MemoryError):
         return True
     oom = getattr(torch, "OutOfMemoryError", None)

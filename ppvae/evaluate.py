@@ -238,8 +238,8 @@ def _as_data(data: Any, owner: Any) -> Any:
 
 
 # Bytes per (datapoint, particle) allowed for when refusing a block that cannot fit: the float32 buffers (3 for a
-# ppvae.VAE: log-weights, log-likelihood, KL) and as much again twice over, a margin for the copies made of kept
-# log-weights.
+# ppvae.VAE: log-weights, log-likelihood, KL), 12 bytes, plus 24 for the float64 copies evaluate made of them until
+# it reduced chunk by chunk; the 24 are kept as a margin so the check refuses no less than it did.
 _BYTES_PER_WEIGHT = 4 * 3 + 8 * 3
 
 

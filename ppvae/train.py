@@ -302,7 +302,7 @@ def fit(
                             raise
                         loss, invalid = None, err
                     except (RuntimeError, MemoryError) as err:
-                        if isinstance(err, PPVAEError) or not is_out_of_memory(err):
+                        if not is_out_of_memory(err):
                             raise
                         if bar is not None:
                             bar.close()
@@ -478,7 +478,7 @@ def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
                     count += batches.batch_len(batch)
             return total / count
         except (RuntimeError, MemoryError) as err:
-            if isinstance(err, PPVAEError) or not is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
             if batches.loader is not None or batches.batch_size == 1:
                 fix = (
