@@ -2,7 +2,7 @@
 
 The model is what ``ppvae train --dataset fashion-mnist`` builds by default: images (1, 28, 28) scaled to 256 grey
 levels, a 784-400-16 MLP encoder and 16-400-(3×784) MLP decoder (softplus), mean-field Normal guide, N(0, I) prior
-and a one-component discretized logistic likelihood over 256 levels (``ppvae.cli.default_likelihood``), trained
+and a one-component discretized logistic likelihood over 256 levels (``ppvae.blocks.specs.default_likelihood``), trained
 for ``--epochs`` (default 1) of ``ppvae.fit`` at the CLI's defaults (batch 128, lr 1e-3, seed 0) on the training
 split; ``--epochs 0`` keeps the random initialization.
 
@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import ppvae
-from ppvae.cli import default_likelihood
+from ppvae.blocks.specs import default_likelihood
 
 evaluate_module = importlib.import_module("ppvae.evaluate")  # the module (ppvae.evaluate is the function)
 

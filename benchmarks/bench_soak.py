@@ -41,7 +41,7 @@ import pyro
 import torch
 
 import ppvae
-from ppvae.specs import default_likelihood, with_levels
+from ppvae.blocks.specs import default_likelihood, with_levels
 
 LATENT_DIM = 16  # the CLI's --latent-dim default
 

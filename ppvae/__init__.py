@@ -4,13 +4,13 @@ Generative models and amortized guides are Pyro model/guide pairs; :func:`fit` t
 blocks (priors, likelihoods, guides, networks) compose into :class:`VAE`.
 """
 
-from . import data
-from .diagnostics import Diagnosis, diagnose
-from .errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
-from .evaluate import Evaluation, evaluate
-from .io import load, save
-from .train import FitResult, fit
-from .vae import VAE
+from ppvae import data
+from ppvae._version import __version__
+from ppvae.diagnostics import Diagnosis, Evaluation, diagnose, evaluate
+from ppvae.errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
+from ppvae.infer import FitResult, fit
+from ppvae.io import load, save
+from ppvae.vae import VAE
 
 __all__ = [
     "VAE",
@@ -28,5 +28,5 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "TrainingError",
+    "__version__",
 ]
-__version__ = "0.1.0"

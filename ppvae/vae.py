@@ -2,12 +2,12 @@
 
 Generative model, for each datapoint ``i`` in the plate ``"data"``::
 
-    z_i ~ p(z)                        # prior:      ppvae.priors
-    x_i ~ p(x | decoder(z_i))         # likelihood: ppvae.likelihoods
+    z_i ~ p(z)                        # prior:      ppvae.blocks.priors
+    x_i ~ p(x | decoder(z_i))         # likelihood: ppvae.blocks.likelihoods
 
 Amortized guide::
 
-    z_i ~ q(z | encoder(x_i))         # guide head: ppvae.guides
+    z_i ~ q(z | encoder(x_i))         # guide head: ppvae.blocks.guides
 
 Conventions every ppvae diagnostic relies on: local latents live in the plate named ``"data"`` (dim -1),
 the latent site is ``"z"`` and the observed site is ``"x"``. Kingma & Welling 2014; Rezende et al. 2014.
@@ -19,18 +19,18 @@ import itertools
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import pyro
 import torch
 from pyro.distributions import Distribution
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .nets import build_decoder, build_encoder
-from .params import module_params_are_local
-from .priors import PRIORS
+from ppvae._local_params import module_params_are_local
+from ppvae._validate import is_int
+from ppvae.blocks.guides import GUIDES
+from ppvae.blocks.likelihoods import LIKELIHOODS
+from ppvae.blocks.nets import build_decoder, build_encoder
+from ppvae.blocks.priors import PRIORS
+from ppvae.errors import ConfigError
 
 __all__ = ["VAE"]
 
@@ -45,7 +45,7 @@ class VAE(nn.Module):
         latent_dim: dimension ``D`` of ``z``.
         prior: ``"normal"``, ``"laplace"``, ``"student-t"``, ``"mixture"``, ``"vamp"``, ``"flow"`` or a module
             whose ``forward()`` returns p(z) with event shape ``(D,)``.
-        likelihood: a name from :data:`ppvae.likelihoods.LIKELIHOODS` or a module mapping decoder output
+        likelihood: a name from :data:`ppvae.blocks.likelihoods.LIKELIHOODS` or a module mapping decoder output
             ``(*batch, num_params, *data_shape)`` to p(x | z).
         guide: ``"normal"`` (mean-field), ``"lowrank"``, ``"fullrank"``, ``"iaf"`` or a module mapping encoder
             features to q(z | x).
@@ -65,7 +65,7 @@ class VAE(nn.Module):
         decoder: str | dict | nn.Module = "mlp",
     ) -> None:
         super().__init__()
-        if not (_is_int(latent_dim) and latent_dim > 0):
+        if not (is_int(latent_dim) and latent_dim > 0):
             raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
         self.data_shape = _check_data_shape(data_shape)
         self.latent_dim = latent_dim = int(latent_dim)
@@ -127,7 +127,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def generate(self, n: int) -> Tensor:
         """E[x | z] for ``n`` draws z ~ p(z): ``(n, *data_shape)``."""
-        if not (_is_int(n) and n > 0):
+        if not (is_int(n) and n > 0):
             raise ConfigError(f"the number of datapoints to generate must be a positive integer, got {n!r}")
         out = int(n) * max(self.latent_dim, self.likelihood.num_params * math.prod(self.data_shape))
         if out > 2**31:  # float32 elements of the largest tensor: beyond 8 GiB, refuse instead of exhausting memory
@@ -164,10 +164,6 @@ def _describe(spec: object) -> str:
     return repr(spec) if isinstance(spec, (str, dict)) else type(spec).__name__
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_data_shape(data_shape: object) -> tuple[int, ...]:
     """``data_shape`` as a tuple of positive ints (whole floats such as 28.0 are accepted); ConfigError otherwise."""
     try:
@@ -178,7 +174,7 @@ def _check_data_shape(data_shape: object) -> tuple[int, ...]:
         dims is not None
         and len(dims) > 0
         and not isinstance(data_shape, (str, bytes))
-        and all((_is_int(d) or (isinstance(d, float) and d.is_integer())) and d >= 1 for d in dims)
+        and all((is_int(d) or (isinstance(d, float) and d.is_integer())) and d >= 1 for d in dims)
     )
     if not ok:
         raise ConfigError(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ppvae import arviz_io
+from ppvae.diagnostics import arviz_io
 
 
 def test_compare_gives_paired_differences_and_standard_errors():

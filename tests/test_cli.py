@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ppvae import io
-from ppvae.arviz_io import load_netcdf
+from ppvae.blocks.specs import parse_block
 from ppvae.cli import main
-from ppvae.specs import parse_block
+from ppvae.diagnostics.arviz_io import load_netcdf
 
 
 def test_parse_block():
@@ -222,7 +222,7 @@ def test_model_file_run_evaluates_and_diagnoses(tmp_path, capsys):
 
 
 def test_demo_runs_the_grid_writes_the_report_and_saves_the_best_run(tmp_path, capsys, monkeypatch):
-    from ppvae import cli_compare
+    from ppvae.cli import compare as cli_compare
 
     cheap = dataclasses.replace(
         cli_compare.DEMO_SETTINGS,

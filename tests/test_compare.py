@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 import ppvae
-from ppvae import compare_cells
-from ppvae.compare import COLUMNS, Cell, GridSettings, combine, compare
-from ppvae.compare_table import build_table
+from ppvae.compare import cells as compare_cells
+from ppvae.compare.grid import COLUMNS, Cell, GridSettings, combine, compare
+from ppvae.compare.table import build_table
 
 TINY = GridSettings(
     latent_dim=2,
@@ -72,7 +72,7 @@ def test_resume_reruns_nothing_finished(digits, grid, monkeypatch):
     comp, out = grid
     calls = []
     real = compare_cells.run_cell
-    monkeypatch.setattr("ppvae.compare.run_cell", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr("ppvae.compare.grid.run_cell", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     # An interrupted grid: one cell's result.json never got written.
     key = compare_cells.cell_key(Cell("mixture", "categorical"), TINY, compare_cells.data_fingerprint(digits))
     (out / "cells" / key / "result.json").unlink()
@@ -262,12 +262,12 @@ def test_a_second_grid_on_the_same_directory_is_refused(digits, tmp_path):
     import subprocess
     import sys
 
-    from ppvae.compare import _locked
+    from ppvae._fs import locked_dir
     from ppvae.errors import ConfigError
 
     code = (
-        "import sys, time, pathlib; from ppvae.compare import _locked\n"
-        "with _locked(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+        "import sys, time, pathlib; from ppvae._fs import locked_dir\n"
+        "with locked_dir(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -277,7 +277,7 @@ def test_a_second_grid_on_the_same_directory_is_refused(digits, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with _locked(tmp_path):  # released with the killed process
+    with locked_dir(tmp_path):  # released with the killed process
         pass
 
 

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from ppvae import compare_plots as cp
 from ppvae.errors import DataError
+from ppvae.report import compare_figures as cp
 
 
 def _cell(label, group, rng, *, status="ok", images=True, d=4, n=50, m=80, shift=0.0):

@@ -1,4 +1,4 @@
-"""Tests of ppvae.data and ppvae.datasets_idx: built-in datasets, IDX files and downloads, user files, validation."""
+"""Tests of ppvae.data (datasets and idx): built-in datasets, IDX files and downloads, user files, validation."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from ppvae import data, datasets_idx
+from ppvae import data
 from ppvae.data import DataSplits, DynamicBinarized, LinearGaussian, as_tensor, check_finite, load
+from ppvae.data import idx as datasets_idx
 from ppvae.errors import ConfigError, DataError
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ppvae
-from ppvae import arviz_io
-from ppvae.diagnostics import importance_ess
+from ppvae.diagnostics import arviz_io
+from ppvae.diagnostics.diagnosis import importance_ess
 
 from .test_evaluate import GEN, HALVED, X, exact_vae, lg_model, scaled_guide
 

@@ -1,4 +1,4 @@
-"""Tests for ppvae.discretize: bin masses against scipy and mpmath, normalization, far tails, gradients, the
+"""Tests for ppvae.blocks.discretize: bin masses against scipy and mpmath, normalization, far tails, gradients, the
 ``discretized`` dispatch, and ``scoring_view`` through ``ppvae.evaluate`` / ``ppvae.diagnose``."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from scipy import stats
 
 import ppvae
-from ppvae.discretize import Discretized, discretized, scoring_view
+from ppvae.blocks.discretize import Discretized, discretized, scoring_view
+from ppvae.blocks.likelihoods import LIKELIHOODS, Likelihood
 from ppvae.errors import ConfigError, DataError
-from ppvae.likelihoods import LIKELIHOODS, Likelihood
-from ppvae.objectives import has_fast_elbo
+from ppvae.infer.objectives import has_fast_elbo
 
 LEVELS = 256
 N = LEVELS - 1

@@ -16,7 +16,7 @@ from ppvae.errors import ConfigError, DataError
 GEN = LinearGaussian(data_dim=8, latent_dim=4, noise=0.5, orthogonal=True, seed=0)
 X, _ = GEN.sample(40, seed=1)
 EXACT = GEN.log_px(X).numpy()
-evaluate_mod = importlib.import_module("ppvae.evaluate")  # the module; ppvae.evaluate is the function
+evaluate_mod = importlib.import_module("ppvae.diagnostics.evaluation")
 HALVED = torch.tensor([0.5, 0.5, 0.5, 1.0], dtype=torch.float64)  # guide sd factor per latent dimension
 
 

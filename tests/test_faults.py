@@ -494,7 +494,7 @@ def test_no_reader_unpickles_objects(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "refused to load" in err and "Traceback" not in err
 
     # Compare caches read arrays.npz with allow_pickle=False: an object array is refused, the cell is rerun.
-    from ppvae.compare_cells import load_cell
+    from ppvae.compare.cells import load_cell
 
     cell = tmp_path / "cell"
     cell.mkdir()

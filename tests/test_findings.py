@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ppvae
-from ppvae.findings import findings
+from ppvae.diagnostics.findings import findings
 
 from .test_evaluate import HALVED, X, exact_vae, lg_model, scaled_guide
 from .test_gaps import GEN, IDX, linear_vae, set_encoder

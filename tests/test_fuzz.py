@@ -29,6 +29,7 @@ from hypothesis.extra import numpy as hnp
 import ppvae
 from ppvae import data as datamod
 from ppvae.cli import main
+from ppvae.data import datasets
 from ppvae.errors import ConfigError, DataError, PPVAEError, TrainingError
 
 FAST = settings(
@@ -156,7 +157,7 @@ def test_load_random_arrays(arr, as_torch, scale, binarize, split):
     split=st.sampled_from([(0.8, 0.1, 0.1), (0.5, 0.6, 0.1), (0.0, 0.5, 0.5), "abc", None, (1.0,), (math.nan, 0, 1)]),
 )
 def test_load_junk_names_and_options(junk, scale, seed, split):
-    assume(not (isinstance(junk, str) and datamod._known(junk)))  # a real dataset name: loads (or downloads)
+    assume(not (isinstance(junk, str) and datasets._known(junk)))  # a real dataset name: loads (or downloads)
     result = outcome(datamod.load, junk, scale=scale, seed=seed, split=split, download=False)
     if not isinstance(result, PPVAEError):
         _check_splits(result, None, scale, None)
@@ -480,7 +481,7 @@ def test_fit_tuple_keeps_label_dtype(labels, dtype):
 
 def _labels_seen(model, labels):
     """The label batches fit hands the model, in storage order (values survive the conversion)."""
-    from ppvae.batches import make_batches
+    from ppvae.data.batches import make_batches
 
     batches = make_batches((torch.ones(4, 3), labels), 2, torch.device("cpu"), shuffle=False, what="data")
     return [b[1].long() for b in batches]

@@ -23,8 +23,8 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 import ppvae
 from ppvae.data import LinearGaussian
+from ppvae.diagnostics.gaps import inference_gaps
 from ppvae.errors import ConfigError, DataError
-from ppvae.gaps import inference_gaps
 
 # A correlated posterior: |correlation| 0.38, so the best mean-field q falls short by KL = −½ log(1 − ρ²) = 0.08 nats;
 # with |ρ| < ½ its importance weights still have finite variance (E w² = 1.33) and its IWAE estimate is accurate.

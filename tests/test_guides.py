@@ -6,8 +6,8 @@ import pytest
 import torch
 from pyro import poutine
 
+from ppvae.blocks.guides import GUIDES, FullRankGuide, IAFGuide, LowRankGuide, NormalGuide
 from ppvae.errors import ConfigError
-from ppvae.guides import GUIDES, FullRankGuide, IAFGuide, LowRankGuide, NormalGuide
 
 F, D = 6, 3
 B, S = 5, 4

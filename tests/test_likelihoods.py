@@ -1,4 +1,4 @@
-"""Tests for ppvae.likelihoods: shapes, normalization, known values, support checks, registry, gradients."""
+"""Tests for ppvae.blocks.likelihoods: shapes, normalization, known values, support checks, registry, gradients."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
+from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.errors import ConfigError, DataError
-from ppvae.likelihoods import LIKELIHOODS
 
 DATA_SHAPE = (1, 4, 4)
 NAMES = LIKELIHOODS.names()

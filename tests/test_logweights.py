@@ -7,7 +7,7 @@ import torch
 
 from ppvae.data import LinearGaussian
 from ppvae.errors import ConfigError
-from ppvae.logweights import log_weights
+from ppvae.infer.logweights import log_weights
 
 
 def _exact_pair(gen: LinearGaussian, scale_factor: float = 1.0):

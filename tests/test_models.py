@@ -32,6 +32,6 @@ def test_factor_analysis_reaches_exact_log_likelihood():
     learned = fa.exact_log_px(x).mean().item()
     truth = gen.log_px(x).mean().item()
     with torch.no_grad():
-        elbo = -ppvae.train.make_objective("elbo", 200, True, 1)(fa.model, fa.guide, x).item() / len(x)
+        elbo = -ppvae.infer.objectives.make_objective("elbo", 200, True, 1)(fa.model, fa.guide, x).item() / len(x)
     assert truth - 0.05 < learned < truth + 0.1
     assert abs(elbo - learned) < 0.05

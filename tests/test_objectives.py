@@ -6,10 +6,10 @@ import torch
 from pyro.infer import Trace_ELBO
 
 import ppvae
-from ppvae.guides import GUIDES
-from ppvae.likelihoods import LIKELIHOODS
-from ppvae.objectives import ScaleLatents, has_fast_elbo, scale_latents, vae_elbo_loss
-from ppvae.priors import PRIORS
+from ppvae.blocks.guides import GUIDES
+from ppvae.blocks.likelihoods import LIKELIHOODS
+from ppvae.blocks.priors import PRIORS
+from ppvae.infer.objectives import ScaleLatents, has_fast_elbo, scale_latents, vae_elbo_loss
 from tests.test_vae import SHAPE, _data_for
 
 CASES = (

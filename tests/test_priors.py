@@ -8,9 +8,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ppvae.blocks.guides import GUIDES
+from ppvae.blocks.priors import PRIORS, MixturePrior, NormalPrior, VampPrior
 from ppvae.errors import ConfigError
-from ppvae.guides import GUIDES
-from ppvae.priors import PRIORS, MixturePrior, NormalPrior, VampPrior
 
 D = 3
 DATA_SHAPE = (2, 3)

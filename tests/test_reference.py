@@ -8,8 +8,8 @@ import torch
 
 import ppvae
 from ppvae.data import LinearGaussian
+from ppvae.diagnostics.reference import posterior_metrics, reference_posterior
 from ppvae.errors import ConfigError, DataError
-from ppvae.reference import posterior_metrics, reference_posterior
 
 GEN = LinearGaussian(data_dim=6, latent_dim=2, noise=0.5, seed=0)
 X, _ = GEN.sample(20, seed=1)

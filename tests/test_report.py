@@ -1,4 +1,4 @@
-"""ppvae.report.write_html: self-contained (no network), in reading order, escaped; rendered by headless Chromium."""
+"""write_html: self-contained (no network), in reading order, escaped; rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
-from ppvae.report import write_html  # noqa: E402
+from ppvae.report.html import write_html  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
 # Without the background-networking flags Chromium tries to reach Google services and fails on a closed network.

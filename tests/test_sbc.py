@@ -10,7 +10,7 @@ import torch
 
 import ppvae
 from ppvae.data import LinearGaussian
-from ppvae.sbc import SBCResult, sbc, sbc_plot
+from ppvae.diagnostics.sbc import SBCResult, sbc, sbc_plot
 
 TRUTH = LinearGaussian(data_dim=6, latent_dim=2, noise=0.5, seed=0)
 SEED = 1

@@ -12,7 +12,7 @@ from torch import nn
 import ppvae
 from ppvae.data import LinearGaussian
 from ppvae.errors import ConfigError, DataError, TrainingError
-from ppvae.objectives import ScaleLatents
+from ppvae.infer.objectives import ScaleLatents
 
 LINEAR = {"name": "mlp", "kwargs": {"hidden": []}}
 

@@ -7,10 +7,10 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 import ppvae
+from ppvae.blocks.guides import GUIDES
+from ppvae.blocks.likelihoods import LIKELIHOODS
+from ppvae.blocks.priors import PRIORS
 from ppvae.errors import ConfigError
-from ppvae.guides import GUIDES
-from ppvae.likelihoods import LIKELIHOODS
-from ppvae.priors import PRIORS
 
 SHAPE = (1, 8, 8)
 

@@ -1,0 +1,367 @@
+"""The ``ppvae`` command: a thin layer over the Python API (``ppvae.data.load``, ``ppvae.VAE``, ``ppvae.fit``,
+``ppvae.save``/``ppvae.load``, ``ppvae.evaluate``, ``ppvae.diagnose``).
+
+User errors print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import pyro
+import torch
+
+from ppvae import data as datamod
+from ppvae import io
+from ppvae._version import __version__
+from ppvae.blocks.guides import GUIDES
+from ppvae.blocks.likelihoods import LIKELIHOODS
+from ppvae.blocks.priors import PRIORS
+from ppvae.blocks.specs import default_likelihood, parse_block, with_levels
+from ppvae.cli.args import seed_arg
+from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
+from ppvae.cli.runs import build_from_file, load_run, run_path
+from ppvae.cli.scoring import add_scoring_args, diagnose_command, evaluate_command
+from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
+from ppvae.infer.objectives import OBJECTIVES
+from ppvae.infer.train import fit
+from ppvae.vae import VAE
+
+__all__ = ["main"]
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded), fashion-mnist, mnist, linear-gaussian, or a .npy/.npz/.csv file",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim); "
+        "replaces --prior/--likelihood/--guide/--encoder/--decoder",
+    )
+    p.add_argument("--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value")
+    p.add_argument(
+        "--likelihood",
+        default=None,
+        help=f"one of {', '.join(LIKELIHOODS.names())} (default: bernoulli for binarized data, "
+        "categorical for grey levels, normal otherwise)",
+    )
+    p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
+    p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
+    p.add_argument("--decoder", default="mlp", help="mlp or conv")
+    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
+    p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
+    p.add_argument("--num-particles", type=int, default=1)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--clip-norm", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/last.pt (a killed run resumes from its last finished epoch and ends "
+        "with the same weights as an uninterrupted one)",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a NaN/Inf loss or gradient stops training with the weights from before that batch, saved in "
+        "OUT/checkpoints/nonfinite.pt (raise, the default), or skips the batch, counted in the history (skip)",
+    )
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=seed_arg, default=0)
+    p.add_argument("--out", default="runs/train", help="run directory to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (exit status 2), like every other ppvae error: the usage
+    block is what ``--help`` is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ppvae", description="Train and inspect Pyro variational autoencoders.")
+    parser.add_argument("--version", action="version", version=f"ppvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_args(sub.add_parser("train", help="train a VAE (or a model file) on a dataset and save the run"))
+    add_demo_args(
+        sub.add_parser(
+            "demo",
+            help="compare 2 priors × 2 likelihoods × 2 guides on the embedded digits data: verdict, table and an "
+            "HTML report in OUT; the best cell is saved as a run (OUT/model.pt)",
+        )
+    )
+    p = sub.add_parser(
+        "evaluate",
+        help="ELBO, IWAE log p(x), inference gap and bits/dim of a saved run on a split of its own dataset; "
+        "writes evaluation.json and evaluation.nc (per-datapoint values)",
+    )
+    add_scoring_args(p, "evaluation")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="datapoints per chunk; memory only (default %(default)s)"
+    )
+    p = sub.add_parser(
+        "diagnose",
+        help="how good is the guide: PSIS k-hat, IS ESS, posterior collapse, amortization/approximation gaps, "
+        "SBC and NUTS reference posteriors; writes diagnosis.json, diagnosis.nc and PNG plots",
+    )
+    add_scoring_args(p, "diagnosis")
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=2000,
+        help="use at most this many datapoints of the split (default %(default)s): evenly spaced rows (the split "
+        "is already a seeded shuffle); all when the split is smaller",
+    )
+    for flag, default, text in (
+        ("--no-gaps", None, "skip the amortization/approximation gaps"),
+        ("--gap-points", 100, "datapoints (seeded draw) for the gaps"),
+        ("--gap-steps", 300, "Adam steps of the per-datapoint guides"),
+        ("--no-sbc", None, "skip simulation-based calibration"),
+        ("--sbc-simulations", 500, "simulations for SBC, ≥ 10"),
+        ("--no-reference", None, "skip NUTS reference posteriors (the costliest part)"),
+        ("--reference-points", 3, "datapoints (evenly spaced) for NUTS"),
+        ("--reference-warmup", 500, "NUTS warm-up steps per chain, 2 chains"),
+        ("--reference-samples", 1000, "NUTS draws kept per chain"),
+    ):
+        if default is None:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=int, default=default, help=f"{text} (default %(default)s)")
+    add_compare_args(
+        sub.add_parser(
+            "compare",
+            help="train and score a grid of priors × likelihoods × guides on one dataset; a ranked table "
+            "(CSV, markdown), figures and a self-contained HTML report; finished cells are cached in OUT",
+        )
+    )
+    p = sub.add_parser("sample", help="draw new data from a saved run; a PNG grid for images")
+    p.add_argument("run", help="run directory or model.pt")
+    p.add_argument("-n", "--num", type=int, default=64)
+    p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
+    p.add_argument("--seed", type=seed_arg, default=0)
+    p = sub.add_parser("info", help="what a saved run holds")
+    p.add_argument("run", help="run directory or model.pt")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.DataSplits]:
+    splits = datamod.load(args.dataset, binarize=args.binarize, seed=args.seed)
+    out = Path(args.out)  # created by fit once the data and model are known to be good: nothing half-written
+    meta: dict[str, Any] = {
+        "dataset": splits.name,
+        "data_shape": list(splits.data_shape),
+        "levels": splits.levels,
+        "binarize": splits.binarize,
+        "preprocessing": splits.preprocessing,
+        "latent_dim": args.latent_dim,
+        "seed": args.seed,
+    }
+    # The initial weights come from torch's global RNG: seed it first, so one --seed reproduces the whole run.
+    pyro.set_rng_seed(args.seed)
+    if args.model:
+        model = build_from_file(args.model, splits.data_shape, args.latent_dim)
+        meta["model_file"] = str(Path(args.model).resolve())
+    else:
+        likelihood = args.likelihood or default_likelihood(splits)
+        model = VAE(
+            splits.data_shape,
+            args.latent_dim,
+            prior=parse_block(args.prior),
+            likelihood=with_levels(parse_block(likelihood), splits.levels),
+            guide=parse_block(args.guide),
+            encoder=parse_block(args.encoder),
+            decoder=parse_block(args.decoder),
+        )
+    t0 = time.perf_counter()
+    result = fit(
+        model,
+        splits.train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        objective=args.objective,
+        num_particles=args.num_particles,
+        beta=args.beta,
+        kl_warmup=args.kl_warmup,
+        val_data=splits.val,
+        patience=args.patience,
+        clip_norm=args.clip_norm,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_dir=out / "checkpoints",
+        resume=args.resume,
+        progress=not args.no_progress,
+        on_nonfinite=args.on_nonfinite,
+    )
+    seconds = time.perf_counter() - t0
+    model.to("cpu")
+    summary = _summary(model, splits, result, seconds)
+    meta.update(history=result.history, summary=summary)
+    io.save(model, out / "model.pt", meta=meta, optimizer=result.optimizer)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary, model, splits
+
+
+@torch.no_grad()
+def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, seconds: float) -> dict:
+    from ppvae.infer.objectives import make_objective
+
+    loss = make_objective("elbo")
+    summary: dict[str, Any] = {
+        "dataset": splits.name,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(seconds, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    for split in ("val", "test"):
+        x = getattr(splits, split)
+        if x is not None:
+            torch.manual_seed(0)
+            elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]
+            summary[f"{split}_elbo"] = round(elbo, 4)
+            summary[f"{split}_elbo_bits_per_dim"] = round(-elbo / (math.log(2) * math.prod(splits.data_shape)), 4)
+    summary["final_train_loss"] = round(result.history[-1]["train_loss"], 4)
+    return summary
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    print(
+        f"trained on {summary['dataset']} for {summary['epochs']} epochs in {summary['train_seconds']:.1f} s "
+        f"({summary['parameters']:,} parameters)"
+    )
+    for split in ("val", "test"):
+        if f"{split}_elbo" in summary:
+            print(
+                f"  {split:4s} ELBO  {summary[f'{split}_elbo']:9.3f} nats/datapoint   "
+                f"{summary[f'{split}_elbo_bits_per_dim']:.4f} bits/dim (upper bound)"
+            )
+    print(f"saved run: {out}/model.pt   summary: {out}/summary.json")
+    if "samples" in summary:
+        print(f"samples: {summary['samples']}")
+
+
+@torch.no_grad()
+def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, num: int, seed: int = 0) -> Path:
+    """Draw ``num`` new datapoints; images go to a PNG grid at ``out``, other data to ``out`` as ``.npy``."""
+    torch.manual_seed(seed)
+    if hasattr(model, "generate"):
+        x = model.generate(num)  # E[x | z] for z ~ p(z): smoother pictures than one draw of x
+    else:
+        from pyro.infer import Predictive
+
+        x = Predictive(model.model, num_samples=1)(None, num)["x"][0]
+    shape = tuple(data_shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        from ppvae.report.figures import image_grid
+
+        return image_grid(x.reshape(-1, *shape).float(), out)
+
+    out = out.with_suffix(".npy")
+    np.save(out, x.numpy())
+    return out
+
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.num < 1:
+        raise ConfigError(f"--num must be ≥ 1, got {args.num}")
+    model, meta = load_run(args.run)
+    out = Path(args.out) if args.out else run_path(args.run).parent / "samples.png"
+    written = write_samples(model, meta.get("data_shape", []), out, args.num, args.seed)
+    print(f"wrote {args.num} samples to {written}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    obj = io.read(run_path(args.run))
+    meta = obj.get("meta", {})
+    print(f"{run_path(args.run)}: ppvae file v{obj['version']}, {obj.get('kind')} ({obj.get('class')})")
+    if obj.get("config"):
+        cfg = obj["config"]
+        for key in ("data_shape", "latent_dim", "prior", "likelihood", "guide", "encoder", "decoder"):
+            print(f"  {key:11s} {json.dumps(cfg[key])}")
+    # A checkpoint of a pair of functions has no module: its weights are the Pyro parameters it optimized.
+    weights = obj.get("state_dict", obj.get("params", {}))
+    n = sum(t.numel() for t in weights.values())
+    kind = "" if "state_dict" in obj or not weights else f" in {len(weights)} Pyro parameters"
+    print(f"  weights     {n:,} numbers{kind}")
+    for key in ("dataset", "binarize", "levels", "model_file"):
+        if meta.get(key) is not None:
+            print(f"  {key:11s} {meta[key]}")
+    history = meta.get("history", [])
+    if history:
+        last = history[-1]
+        val = f", val ELBO {last['val_elbo']:.3f}" if last.get("val_elbo") is not None else ""
+        print(f"  trained     {len(history)} epochs, last train loss {last['train_loss']:.3f}{val}")
+    for key, value in meta.get("summary", {}).items():
+        if key.endswith("elbo"):
+            print(f"  {key:11s} {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def one_line_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+        print(f"ppvae {args.command}: {category.__name__}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning  # a warning is advice to a user: no source line
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "train":
+            summary, _, _ = _train(args)
+            _print_summary(summary, args.out)
+        elif args.command == "demo":
+            demo_command(args)
+        elif args.command == "compare":
+            compare_command(args)
+        elif args.command == "evaluate":
+            evaluate_command(args)
+        elif args.command == "diagnose":
+            diagnose_command(args)
+        elif args.command == "sample":
+            _sample(args)
+        elif args.command == "info":
+            _info(args)
+    except PPVAEError as err:
+        print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment, not a bug: a full disk, a read-only or vanished directory
+        print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as err:  # out of memory is the environment too; anything else is a bug
+        if not is_out_of_memory(err):
+            raise
+        print(
+            f"ppvae {args.command}: error: out of memory ({describe_out_of_memory(err)}); lower --batch-size "
+            "(or --num-particles, --num-samples)",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

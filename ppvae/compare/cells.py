@@ -1,0 +1,360 @@
+"""One cell of a comparison grid: train a VAE with ``fit``, score it with ``diagnose``, keep the result on disk.
+
+A cell is one choice of prior × likelihood × guide × objective × seed; everything else (networks, latent size,
+budget, splits, test rows, diagnostics settings) is shared by the grid. Its directory holds::
+
+    config.json     what the cell is: the cell, the grid's settings, the data's hash, the ppvae version and the
+                    cell's two keys (the hash of all of it names the directory)
+    checkpoints/    fit's checkpoints: a killed cell resumes where it stopped
+    model.pt        the trained VAE (taken from a cell with the same training key when one exists: a grid rerun
+                    with other scoring settings rescores the trained models instead of training them again)
+    arrays.npz      per-datapoint scores and what the figures need (read with allow_pickle=False)
+    diagnosis.nc    ArviZ InferenceData of the cell's diagnosis
+    result.json     summary numbers, status and error; written last, atomically: its presence means "finished"
+
+Scores are probabilities of the data as stored: continuous likelihoods on grey levels are scored through
+:func:`ppvae.blocks.discretize.scoring_view` (each level's bin), so every cell of a grey-level dataset is a
+probability mass over the same levels and ranks in bits/dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from ppvae._fs import write_atomic
+from ppvae._json import jsonable
+from ppvae._version import __version__
+from ppvae.blocks.specs import default_likelihood, short_spec, with_levels
+from ppvae.data import DataSplits
+from ppvae.diagnostics import arviz_io
+from ppvae.diagnostics.diagnosis import diagnose
+from ppvae.infer.train import fit
+from ppvae.io import load, read, save
+from ppvae.vae import VAE
+
+__all__ = [
+    "Cell",
+    "GridSettings",
+    "cell_key",
+    "data_fingerprint",
+    "train_key",
+    "TRAINING_SETTINGS",
+    "adopt_trained",
+    "write_config",
+    "group_of",
+    "load_cell",
+    "run_cell",
+    "run_meta",
+]
+
+_IMAGES = 8  # originals, reconstructions and samples kept per image cell
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell. Blocks are registry names or ``{"name":, "kwargs":}`` specs (``None`` likelihood: the data's
+    default, as ``ppvae train`` chooses it)."""
+
+    prior: str | dict = "normal"
+    likelihood: str | dict | None = None
+    guide: str | dict = "normal"
+    objective: str = "elbo"
+    seed: int = 0
+
+    def label(self, *, objective: bool = False, seed: bool = False) -> str:
+        parts = [short_spec(self.prior), short_spec(self.likelihood or "default"), short_spec(self.guide)]
+        parts += [self.objective] if objective else []
+        parts += [f"seed {self.seed}"] if seed else []
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What every cell shares: networks, latent size, training budget, test rows and diagnostics settings.
+
+    ``num_samples``: importance samples S per test datapoint (log p̂ is IWAE_S). ``max_test_points``: evenly spaced
+    test rows scored (the same rows for every cell, so differences are paired). ``diagnose``: keyword arguments of
+    :func:`ppvae.diagnose` (``num_gap_points``, ``reference=False``, ...).
+    """
+
+    latent_dim: int = 16
+    encoder: str | dict = "mlp"
+    decoder: str | dict = "mlp"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_particles: int = 1
+    patience: int | None = None
+    num_samples: int = 1000
+    max_test_points: int = 2000
+    diagnose: dict = field(default_factory=dict)
+
+
+def data_fingerprint(splits: DataSplits) -> str:
+    """sha256 over the dataset's name, preprocessing and every split's values: a cache never outlives its data."""
+    h = hashlib.sha256(json.dumps([splits.name, splits.preprocessing, splits.levels], sort_keys=True).encode())
+    for part in (splits.train, splits.val, splits.test):
+        t = getattr(part, "grey", part)  # DynamicBinarized keeps the grey levels in .grey
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# The GridSettings fields that decide a cell's trained model; the others (num_samples, max_test_points, diagnose)
+# only decide how it is scored. tests/test_compare.py checks that every field is in one list or the other.
+TRAINING_SETTINGS = ("latent_dim", "encoder", "decoder", "epochs", "batch_size", "lr", "num_particles", "patience")
+SCORING_SETTINGS = ("num_samples", "max_test_points", "diagnose")
+
+
+def _digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True, default=_key_part).encode()).hexdigest()[:20]
+
+
+def cell_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
+    """A cell's cache key: its configuration, the shared settings, the data and the ppvae version."""
+    return _digest({"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__})
+
+
+def train_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
+    """The part of :func:`cell_key` that decides the trained model: the cell, the training settings
+    (:data:`TRAINING_SETTINGS`), the data and the ppvae version. Cells with equal training keys differ only in how
+    they are scored, so one's model serves the other."""
+    training = {name: getattr(settings, name) for name in TRAINING_SETTINGS}
+    return _digest({"cell": asdict(cell), "training": training, "data": fingerprint, "ppvae": __version__})
+
+
+def write_config(directory: Path, cell: Cell, settings: GridSettings, fingerprint: str) -> None:
+    """Record what the cell in ``directory`` is, with its keys, in ``config.json`` (once; atomically)."""
+    path = directory / "config.json"
+    if path.exists():
+        return
+    record = {
+        "cell": asdict(cell),
+        "settings": asdict(settings),
+        "data": fingerprint,
+        "ppvae": __version__,
+        "cell_key": cell_key(cell, settings, fingerprint),
+        "train_key": train_key(cell, settings, fingerprint),
+    }
+    try:
+        write_json_atomic(path, record)
+    except OSError:  # a read-only cache of finished cells still reads; it only cannot lend its models
+        pass
+
+
+def adopt_trained(directory: Path, key: str) -> Path | None:
+    """Copy into ``directory`` the ``model.pt`` of another cell of the same cache whose training key is ``key``.
+
+    Returns the cell directory it came from, or None (``directory`` has a model already, or no other cell trained
+    this model). The copy is written under a temporary name and renamed, so a kill leaves no half model.pt.
+    """
+    if (directory / "model.pt").exists():
+        return None
+    for config in sorted(directory.parent.glob("*/config.json")):
+        donor = config.parent
+        if donor == directory or not (donor / "model.pt").exists():
+            continue
+        try:
+            if json.loads(config.read_text()).get("train_key") != key:
+                continue
+        except (OSError, ValueError):
+            continue
+        tmp = directory / f"model.pt.{os.getpid()}.tmp"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:  # a hard link costs no space; model.pt is only ever replaced (new inode), never written in place
+                os.link(donor / "model.pt", tmp)
+            except OSError:
+                shutil.copyfile(donor / "model.pt", tmp)
+            os.replace(tmp, directory / "model.pt")
+        except OSError:  # a full disk, a read-only cache: the cell trains instead
+            tmp.unlink(missing_ok=True)
+            return None
+        return donor
+    return None
+
+
+def _key_part(obj: Any) -> str:
+    """A block given as an object: its type and, for a module, a hash of its weights (its repr otherwise)."""
+    if isinstance(obj, torch.nn.Module):
+        h = hashlib.sha256()
+        for name, t in obj.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return f"{type(obj).__qualname__}:{h.hexdigest()}"
+    return f"{type(obj).__qualname__}:{obj!r}"
+
+
+def group_of(splits: DataSplits, discrete: bool | None) -> str:
+    """Comparability group: cells are ranked only against cells scored as the same kind of number.
+
+    Binarized data (Bernoulli) never rank against grey levels, a static binarization never against a dynamic one,
+    probability masses never against densities (a user's pair with a density likelihood on grey levels included).
+    """
+    if discrete is None:
+        return f"{splits.name}: a score of unknown kind (the model does not say whether it is a mass or a density)"
+    if not discrete:  # a density is never ranked against probabilities, whatever the data
+        return f"{splits.name}: density (not a probability of the data)"
+    if splits.binarize:
+        return f"{splits.name}, binarized ({splits.binarize}): probability of binary pixels"
+    if splits.levels:
+        return f"{splits.name}, {splits.levels} grey levels: probability mass"
+    return f"{splits.name}: probability mass"
+
+
+def test_rows(n: int, max_points: int) -> np.ndarray:
+    """Evenly spaced rows of the test split (already a seeded shuffle), the same for every cell."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(np.int64))
+
+
+def build_vae(cell: Cell, settings: GridSettings, splits: DataSplits) -> VAE:
+    likelihood = cell.likelihood or default_likelihood(splits)
+    pyro.set_rng_seed(cell.seed)  # the initial weights come from torch's global RNG
+    return VAE(
+        splits.data_shape,
+        settings.latent_dim,
+        prior=cell.prior,
+        likelihood=with_levels(likelihood, splits.levels),
+        guide=cell.guide,
+        encoder=settings.encoder,
+        decoder=settings.decoder,
+    )
+
+
+def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: Path) -> dict[str, Any]:
+    """Train, score and save one cell in ``directory``; a failure is recorded as the result, never raised."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result: dict[str, Any] = {"label": cell.label(), "cell": jsonable(asdict(cell)), "status": "ok", "error": None}
+    try:
+        trained = _trained(directory)
+        if trained is not None:  # fit finished before (an interruption, other scoring settings): score its model
+            model, history = trained
+            result["rescored"] = True
+        else:
+            model = build_vae(cell, settings, splits)
+            history = fit(
+                model,
+                splits.train,
+                val_data=splits.val,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                objective=cell.objective,
+                num_particles=settings.num_particles,
+                patience=settings.patience,
+                seed=cell.seed,
+                device="cpu",
+                checkpoint_dir=directory / "checkpoints",
+                resume=True,
+                progress=False,
+            ).history
+            save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, history))
+        result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
+        result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
+    except Exception as err:  # noqa: BLE001 - a failing cell is reported in the table, the grid goes on
+        result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+    result["seconds"] = time.perf_counter() - start
+    write_json_atomic(directory / "result.json", result)
+    return result
+
+
+def _trained(directory: Path) -> tuple[VAE, list] | None:
+    """The model (and its history) a finished fit saved in ``directory``, or None if there is none to trust."""
+    path = directory / "model.pt"
+    if not path.exists():
+        return None
+    try:
+        obj = read(path)
+        return load(path), obj.get("meta", {}).get("history", [])
+    except Exception:  # noqa: BLE001 - a half-written or foreign file: train again
+        return None
+
+
+def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: list) -> dict[str, Any]:
+    """What ``ppvae evaluate/diagnose/sample`` need to reload the cell's data: it is a run like ``ppvae train``'s."""
+    return jsonable(
+        {
+            "dataset": splits.name,
+            "data_shape": list(splits.data_shape),
+            "levels": splits.levels,
+            "binarize": splits.binarize,
+            "preprocessing": splits.preprocessing,
+            "latent_dim": settings.latent_dim,
+            "seed": splits.preprocessing.get("seed", 0),
+            "cell": asdict(cell),
+            "history": history,
+        }
+    )
+
+
+def score(
+    model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, directory: Path, guide: Any = None
+) -> dict[str, Any]:
+    """Diagnose ``model`` (with ``guide`` for a pair of functions) on the grid's test rows; write arrays.npz and
+    diagnosis.nc; return summary numbers."""
+    from ppvae.blocks.discretize import scoring_view
+
+    rows = test_rows(len(splits.test), settings.max_test_points)
+    x = splits.test[torch.as_tensor(rows)]
+    scored = scoring_view(model, levels=splits.levels) if isinstance(model, VAE) and splits.levels else model
+    with warnings.catch_warnings(record=True) as caught:  # kept with the cell, shown in its row of the table
+        warnings.simplefilter("always")
+        d = diagnose(
+            scored, x, guide=guide, num_samples=settings.num_samples, seed=seed, split="test", **settings.diagnose
+        )
+    ev = d.evaluation
+    if not np.isfinite(ev.log_px).any():
+        raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
+    out = {"diagnosis": d.to_dict(), "group": group_of(splits, ev.discrete), "num_test": len(rows)}
+    out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)
+    arrays: dict[str, np.ndarray] = {"rows": rows, "log_px": ev.log_px, "elbo": ev.elbo, "khat": d.khat}
+    if isinstance(model, VAE):
+        with torch.no_grad():
+            arrays["z_mean"] = model.encode(x).mean.reshape(len(x), -1).double().numpy()
+            if len(splits.data_shape) == 3:  # images (C, H, W): a few originals, reconstructions, samples
+                pyro.set_rng_seed(seed)
+                arrays["originals"] = x[:_IMAGES].numpy()
+                arrays["reconstructions"] = model.reconstruct(x[:_IMAGES]).numpy()
+                arrays["samples"] = model.generate(_IMAGES).numpy()
+    if splits.test_labels is not None:
+        arrays["labels"] = splits.test_labels[torch.as_tensor(rows)].numpy()
+    np.savez(directory / "arrays.npz", **arrays)
+    arviz_io.save_netcdf(d.to_inference_data(), directory / "diagnosis.nc")
+    return out
+
+
+def load_cell(directory: Path) -> dict[str, Any] | None:
+    """A finished cell's result and arrays, or None when it has not finished (no result.json)."""
+    path = directory / "result.json"
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        arrays = directory / "arrays.npz"
+        if result.get("status") == "ok":
+            with np.load(arrays, allow_pickle=False) as f:  # never unpickle: caches may come from someone else
+                result["arrays"] = {k: f[k] for k in f.files}
+    except (OSError, ValueError, KeyError):  # unreadable or incomplete: the cell is not finished, run it again
+        return None
+    return result
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`ppvae._fs.write_atomic`): readers see all or nothing."""
+    # block objects are recorded by type (_key_part)
+    text = json.dumps(jsonable(obj), indent=1, default=_key_part)
+    write_atomic(path, lambda f: f.write(text.encode()))

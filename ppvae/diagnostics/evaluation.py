@@ -1,0 +1,367 @@
+"""``evaluate``: ELBO, importance-sampled log p(x), bits/dim and the inference gap, per datapoint.
+
+Everything comes from one array, the importance log-weights (see :mod:`ppvae.infer.logweights`)::
+
+    lw[i, s] = log p(x_i, z_is) − log q(z_is | x_i),   z_is ~ q(z | x_i)
+    ELBO_i   = mean_s lw[i, s]                                   (nats)
+    log p̂_i  = logsumexp_s lw[i, s] − log S                     (IWAE_S bound; Burda et al. 2015)
+    gap_i    = log p̂_i − ELBO_i ≈ KL(q(z | x_i) ‖ p(z | x_i))
+
+computed in chunks over data and particles so memory stays bounded whatever N and S are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor
+
+from ppvae._local_params import local_module_params
+from ppvae._stats import mean_se
+from ppvae._validate import check_seed
+from ppvae.data import as_tensor
+from ppvae.data.batches import make_batches
+from ppvae.errors import ConfigError, DataError
+from ppvae.infer.logweights import log_weights, plate_nesting
+from ppvae.infer.objectives import has_fast_elbo
+from ppvae.infer.pair import resolve_device, resolve_pair
+
+__all__ = ["Evaluation", "evaluate", "iter_log_weights"]
+
+# Elements of the largest intermediate (particles × datapoints × decoder outputs) per chunk: 2^22 floats = 16 MiB.
+# Below glibc's 32 MiB mmap ceiling, freed intermediates are reused from the heap; at 2^24 every one of the
+# likelihood's temporaries was a fresh mmap faulted in page by page (benchmarks/RESULTS.md, issue 3).
+_CHUNK_ELEMENTS = 2**22
+
+
+@dataclass
+class Evaluation:
+    """Per-datapoint results of :func:`evaluate` (numpy float64, nats unless said otherwise).
+
+    Attributes:
+        elbo: ``(N,)`` ELBO per datapoint (mean of the log-weights).
+        log_px: ``(N,)`` IWAE estimate of log p(x) with ``num_samples`` samples.
+        reconstruction, kl: ``(N,)`` E_q log p(x | z) and E_q[log q(z|x) − log p(z)] (a ppvae.VAE only; else None).
+        log_weights: ``(N, S)`` float32, kept when asked (``keep_log_weights=True``).
+        data_dim: number of elements per datapoint (for bits/dim).
+        discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
+    """
+
+    elbo: np.ndarray
+    log_px: np.ndarray
+    num_samples: int
+    data_dim: int
+    discrete: bool | None
+    reconstruction: np.ndarray | None = None
+    kl: np.ndarray | None = None
+    log_weights: np.ndarray | None = field(default=None, repr=False)
+    split: str | None = None
+
+    @property
+    def inference_gap(self) -> np.ndarray:
+        """``(N,)`` log p̂(x) − ELBO: an estimate of KL(q(z|x) ‖ p(z|x)), nats."""
+        with np.errstate(invalid="ignore"):  # inf − inf on non-finite datapoints: NaN, listed in ``nonfinite``
+            return self.log_px - self.elbo
+
+    @property
+    def bits_per_dim(self) -> np.ndarray | None:
+        """``(N,)`` −log₂ P̂(x) / D for discrete likelihoods; None for densities (not comparable)."""
+        if not self.discrete:
+            return None
+        return -self.log_px / (math.log(2) * self.data_dim)
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        """Indices of datapoints whose log-weights were NaN or infinite (reported, excluded from means)."""
+        return np.flatnonzero(~(np.isfinite(self.elbo) & np.isfinite(self.log_px)))
+
+    def per_datapoint(self) -> dict[str, np.ndarray]:
+        """Every ``(N,)`` array by name (those defined for this model)."""
+        values = {
+            "elbo": self.elbo,
+            "log_px": self.log_px,
+            "inference_gap": self.inference_gap,
+            "reconstruction": self.reconstruction,
+            "kl": self.kl,
+            "bits_per_dim": self.bits_per_dim,
+        }
+        return {name: v for name, v in values.items() if v is not None}
+
+    def attrs(self) -> dict[str, Any]:
+        """What produced the numbers, for file metadata."""
+        return {
+            "num_samples": self.num_samples,
+            "split": self.split or "",
+            "estimator": f"elbo: mean of {self.num_samples} log-weights; log_px: IWAE_{self.num_samples}",
+            "units": "nats; bits_per_dim in bits per dimension",
+        }
+
+    def to_inference_data(self) -> Any:
+        """ArviZ InferenceData with the per-datapoint arrays in ``sample_stats`` (dim ``datapoint``), and the
+        log-weights ``(chain=1, draw=S, datapoint)`` when kept."""
+        from ppvae.diagnostics import arviz_io
+
+        stats = {} if self.log_weights is None else {"log_weights": self.log_weights.T[None]}
+        return arviz_io.to_inference_data(
+            sample_stats=stats,
+            per_datapoint=self.per_datapoint(),
+            dims={"log_weights": ["datapoint"]},
+            attrs=self.attrs(),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Means with standard errors over datapoints (nats; bits/dim where discrete), and the estimator used."""
+        out: dict[str, Any] = {"num_datapoints": len(self.elbo), "num_samples": self.num_samples}
+        if self.split:
+            out["split"] = self.split
+        fields = {"elbo": self.elbo, "log_px": self.log_px, "inference_gap": self.inference_gap}
+        if self.reconstruction is not None and self.kl is not None:
+            fields.update(reconstruction=self.reconstruction, kl=self.kl)
+        if self.bits_per_dim is not None:
+            fields["bits_per_dim"] = self.bits_per_dim
+        ok = np.isfinite(self.elbo) & np.isfinite(self.log_px)
+        for name, values in fields.items():
+            mean, se = mean_se(values[ok])
+            out[name], out[f"{name}_se"] = mean, se
+        out["estimator"] = f"ELBO (mean of {self.num_samples} log-weights); log_px: IWAE_{self.num_samples}"
+        out["num_nonfinite"] = int((~ok).sum())
+        return out
+
+
+def _vae_chunk(vae: Any, q: Any, prior: Any, x: Tensor, num: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(lw, log p(x|z), log q − log p) each ``(B, num)`` for a ppvae.VAE, without tracing.
+
+    ``q = vae.encode(x)`` and ``prior = vae.prior()`` are built once per batch and shared by its particle chunks.
+    """
+    z = q.sample((num,))
+    log_lik = vae.decode(z).log_prob(x)
+    kl = q.log_prob(z) - prior.log_prob(z)
+    return (log_lik - kl).T, log_lik.T, kl.T
+
+
+def iter_log_weights(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    data_plate: str = "data",
+    device: str | torch.device | None = "cpu",
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
+    """Yield ``(rows, lw, log_lik, kl)`` chunks: ``lw (B, S_chunk)`` for datapoints ``rows`` (CPU float32).
+
+    Chunks cover every datapoint (in order) and every particle; ``log_lik``/``kl`` are given for a ppvae.VAE.
+    The chunks of one block of rows are views into ``(B, S)`` buffers allocated when the block starts.
+    """
+    num_samples = _check_count("num_samples", num_samples, 1)
+    batch_size = 256 if batch_size is None else _check_count("batch_size", batch_size, 1)
+    model_fn, guide_fn, owner = resolve_pair(model, guide)
+    dev = resolve_device(device)
+    if owner is not None:
+        owner.to(dev)
+    batches = make_batches(_as_data(data, owner), batch_size, dev, shuffle=False, what="data", strict=False)
+    if owner is not None:
+        # Shape and the likelihood's support, as fit checks them: a log-probability of data outside the support
+        # (0.5 under a Bernoulli, a value off a categorical's grid) is a finite-looking number that means nothing.
+        batches.check_against(owner)
+    fast = has_fast_elbo(owner)
+    _check_memory(min(batch_size, batches.n or batch_size), num_samples, 3 if fast else 1)
+    out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
+    nesting = None
+    start = 0
+    with torch.no_grad(), local_module_params() if owner is not None else nullcontext():
+        for batch in batches:
+            n = batches.batch_len(batch)
+            chunk = max(1, min(num_samples, _CHUNK_ELEMENTS // (n * max(out_size, 1))))
+            rows = slice(start, start + n)
+            # One buffer per block, allocated before its chunks: small per-chunk results kept alive between the
+            # chunks' large temporaries fragmented the heap (1.6 GiB resident after 768 images at S = 2000).
+            out = torch.empty(3 if fast else 1, n, num_samples)
+            if fast:  # the guide and prior distributions do not depend on the particles: build them once
+                q, prior = owner.encode(batch[0]), owner.prior()
+            for s0 in range(0, num_samples, chunk):
+                cols = slice(s0, min(num_samples, s0 + chunk))
+                if fast:
+                    for buffer, value in zip(out, _vae_chunk(owner, q, prior, batch[0], cols.stop - s0), strict=True):
+                        buffer[:, cols] = value
+                    yield rows, out[0, :, cols], out[1, :, cols], out[2, :, cols]
+                else:
+                    if nesting is None:
+                        nesting = plate_nesting(model_fn, guide_fn, *batch)
+                    out[0, :, cols] = log_weights(
+                        model_fn,
+                        guide_fn,
+                        *batch,
+                        num_samples=cols.stop - s0,
+                        data_plate=data_plate,
+                        max_plate_nesting=nesting,
+                    )
+                    yield rows, out[0, :, cols], None, None
+            start += n
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    """An integer option (Python or NumPy integer, not a bool) ≥ ``low``, as an int; ConfigError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def _as_data(data: Any, owner: Any) -> Any:
+    """Data for a model with a ``data_shape`` (a ppvae.VAE) as float32, like ``ppvae.data.load`` gives them: integer
+    and boolean tensors are cast (an encoder's float weights cannot multiply them), complex ones refused."""
+    if isinstance(data, tuple) and not data:
+        raise DataError("data is an empty tuple; give a tensor (N, *data_shape) or a tuple of tensors (x, ...)")
+    if getattr(owner, "data_shape", None) is None:
+        return data  # a user's pair: its data are its arguments, whatever their dtype
+    if isinstance(data, tuple):
+        return (_as_data(data[0], owner), *data[1:])
+    if torch.is_tensor(data) or isinstance(data, (np.ndarray, list)):
+        return as_tensor(data)
+    return data
+
+
+# Bytes per (datapoint, particle) allowed for when refusing a block that cannot fit: the float32 buffers (3 for a
+# ppvae.VAE: log-weights, log-likelihood, KL), 12 bytes, plus 24 for the float64 copies evaluate made of them until
+# it reduced chunk by chunk; the 24 are kept as a margin so the check refuses no less than it did.
+_BYTES_PER_WEIGHT = 4 * 3 + 8 * 3
+
+
+def _check_memory(rows: int, num_samples: int, buffers: int) -> None:
+    """Refuse, before allocating, a (rows, num_samples) block that could not fit in this machine's memory."""
+    need = rows * num_samples * (_BYTES_PER_WEIGHT if buffers > 1 else 4 + 8)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform: let the allocator decide
+        return
+    if need > total:
+        raise ConfigError(
+            f"num_samples={num_samples} for blocks of {rows} datapoint(s) needs ~{need / 2**30:.3g} GiB for the "
+            f"log-weights, more than this machine's {total / 2**30:.3g} GiB of memory; lower num_samples or batch_size"
+        )
+
+
+def _data_dim(x: Tensor) -> int:
+    return int(np.prod(x.shape[1:])) if x.dim() > 1 else 1
+
+
+def evaluate(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    data_plate: str = "data",
+    seed: int | None = 0,
+    device: str | torch.device | None = "cpu",
+    keep_log_weights: bool = False,
+    discrete: bool | None = None,
+    split: str | None = None,
+) -> Evaluation:
+    """Score a model/guide pair on ``data`` by importance sampling with its guide as proposal.
+
+    Args:
+        model, guide, data: as for :func:`ppvae.fit` (a ppvae.VAE, a module with ``model``/``guide``, or a pair
+            of functions whose local latents live in the plate ``data_plate``).
+        num_samples: S importance samples per datapoint (≥ 2).
+        batch_size: datapoints per chunk (default 256; particles are chunked to bound memory).
+        keep_log_weights: keep the ``(N, S)`` float32 log-weights (needed by :func:`ppvae.diagnose`).
+        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; else False).
+        split: a label for reports ("test", "val").
+
+    Returns:
+        :class:`Evaluation`. A datapoint whose log-weights are NaN or infinite gets NaN/inf entries and is listed
+        in ``Evaluation.nonfinite`` instead of stopping the evaluation.
+
+    Raises:
+        DataError: data holding NaN/Inf, of the wrong shape, or (for a model with a likelihood head) outside the
+            likelihood's support, checked as :func:`ppvae.fit` checks them: their log-probability would be a
+            finite-looking number that means nothing. Integer and boolean tensors are cast to float32.
+        ConfigError: an invalid option (num_samples, batch_size, seed, discrete), or log-weight blocks that could
+            not fit in memory.
+    """
+    if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
+        raise ConfigError(
+            f"num_samples must be an integer ≥ 2 (importance sampling needs several), got {num_samples!r}"
+        )
+    num_samples = int(num_samples)
+    if discrete is not None and not isinstance(discrete, (bool, np.bool_)):
+        raise ConfigError(f"discrete must be None (the likelihood says), True or False; got {discrete!r}")
+    likelihood = getattr(model, "likelihood", None) if isinstance(model, torch.nn.Module) else None
+    if discrete and likelihood is not None and not getattr(likelihood, "discrete", True):
+        raise ConfigError(
+            f"discrete=True, but the model's likelihood {type(likelihood).__name__} is a density, so its bits/dim "
+            "would not be comparable; score it as grey-level probabilities with "
+            "ppvae.evaluate(ppvae.blocks.discretize.scoring_view(model), x) instead"
+        )
+    if keep_log_weights:
+        _check_memory(_num_rows(data), num_samples, 1)
+    if seed is not None:
+        pyro.set_rng_seed(check_seed(seed))
+    parts: dict[str, list[np.ndarray]] = {}
+    chunks = iter_log_weights(
+        model, data, guide=guide, num_samples=num_samples, batch_size=batch_size, data_plate=data_plate, device=device
+    )
+    # Chunks of one block of datapoints arrive together. Each is reduced in float64 as it comes and the chunks'
+    # sums and log-sum-exps are combined: no (B, S) float64 copy per block (its allocations, 10 MB at B = 256,
+    # S = 5000, slowly fragmented the heap over a full test set).
+    for _, group in itertools.groupby(chunks, key=lambda chunk: (chunk[0].start, chunk[0].stop)):
+        _, lws, log_liks, kls = zip(*group, strict=True)
+        out = {
+            "elbo": _mean_over_chunks(lws, num_samples),
+            "log_px": torch.stack([lw.double().logsumexp(1) for lw in lws], 1).logsumexp(1) - math.log(num_samples),
+        }
+        if log_liks[0] is not None:
+            out["reconstruction"] = _mean_over_chunks(log_liks, num_samples)
+            out["kl"] = _mean_over_chunks(kls, num_samples)
+        if keep_log_weights:
+            out["log_weights"] = torch.cat(lws, 1)
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value.numpy())
+    joined = {key: np.concatenate(values) for key, values in parts.items()}
+    owner = model if isinstance(model, torch.nn.Module) else None
+    if discrete is None:
+        discrete = bool(getattr(likelihood, "discrete", False))
+    shape = getattr(owner, "data_shape", None)
+    data_dim = int(np.prod(shape)) if shape is not None else _first_dim(data)
+    return Evaluation(
+        elbo=joined["elbo"],
+        log_px=joined["log_px"],
+        num_samples=num_samples,
+        data_dim=data_dim,
+        discrete=discrete,
+        reconstruction=joined.get("reconstruction"),
+        kl=joined.get("kl"),
+        log_weights=joined.get("log_weights"),
+        split=split,
+    )
+
+
+def _mean_over_chunks(chunks: tuple[Tensor, ...], num_samples: int) -> Tensor:
+    """Per-row mean over the particles of ``(B, S_chunk)`` chunks covering all ``num_samples``, in float64."""
+    return torch.stack([c.sum(1, dtype=torch.float64) for c in chunks], 1).sum(1) / num_samples
+
+
+def _num_rows(data: Any) -> int:
+    x = data[0] if isinstance(data, tuple) and data else data
+    try:
+        return len(x)
+    except TypeError:
+        return 1
+
+
+def _first_dim(data: Any) -> int:
+    x = data[0] if isinstance(data, tuple) else data
+    shape = getattr(x, "shape", None)
+    return int(np.prod(shape[1:])) if shape is not None and len(shape) > 1 else 1
