@@ -150,3 +150,30 @@ def test_too_few_samples_for_a_tail_fit_warns():
         d = ppvae.diagnose(lg_model, X, guide=scaled_guide(HALVED), num_samples=20, collapse=False, gaps=False,
                            sbc=False, reference=False)  # fmt: skip
     assert np.isinf(d.khat).all() and d.share_khat_above == 1.0
+
+
+def test_exact_guide_on_high_dimensional_data_has_constant_weights():
+    """784 data dimensions, noise 0.05: an exact guide's float32 log-weights, ≈ +1200 nats, vary only by float32
+    rounding (a few steps of 1.2e-4). Every k̂ is −inf (constant weights), none +inf, and the finding says so."""
+    splits = ppvae.data.load("linear-gaussian", n=200, data_dim=784, latent_dim=2, noise=0.05)
+    gen, x = splits.generator, splits.test
+    vae = ppvae.VAE((784,), 2, likelihood={"name": "normal", "kwargs": {"scale": gen.sigma}}, guide="normal",
+                    encoder={"name": "mlp", "kwargs": {"hidden": []}},
+                    decoder={"name": "mlp", "kwargs": {"hidden": []}})  # fmt: skip
+    _, cov = gen.posterior(x[:1])
+    gain = gen.W.double() @ cov / gen.sigma**2  # posterior mean = (x − b) @ gain
+    sd = cov.diagonal().sqrt()
+    with torch.no_grad():
+        vae.decoder.net[0].weight.copy_(gen.W)
+        vae.decoder.net[0].bias.copy_(gen.b)
+        vae.guide_head.loc_head.weight.copy_(gain.T)
+        vae.guide_head.loc_head.bias.copy_(-(gen.b.double() @ gain))
+        vae.guide_head.scale_head.weight.zero_()
+        vae.guide_head.scale_head.bias.copy_(torch.log(torch.expm1(sd - 1e-5)))  # softplus⁻¹
+    assert (cov - cov.diagonal().diag()).abs().max() < 1e-6 * sd.min() ** 2  # orthogonal W: a diagonal posterior
+    d = ppvae.diagnose(vae, x, num_samples=1000, collapse=False, gaps=False, sbc=False, reference=False)
+    lw = d.evaluation.log_weights.astype(np.float64)
+    exact = gen.log_px(x).numpy()
+    assert np.abs(lw - exact[:, None]).max() < 1e-3 and np.ptp(lw, axis=1).max() > 1e-4  # rounding, above 1e-4
+    assert (d.khat == -np.inf).all() and d.share_khat_above == 0.0
+    assert d.findings()[0].startswith("q is a good importance proposal (median PSIS k̂ −inf: constant weights)")
