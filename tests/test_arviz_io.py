@@ -54,3 +54,27 @@ def test_rhat_and_ess_of_independent_chains():
     stuck = draws.copy()
     stuck[0] += 3.0  # one chain elsewhere
     assert np.all(arviz_io.rhat(stuck) > 1.1)
+
+
+def test_psis_calls_weights_equal_to_float32_rounding_constant_at_any_magnitude():
+    """An exact proposal's float32 log-weights at −1219 nats differ only by float32 steps (1.2e-4 there): k̂ = −inf.
+
+    ArviZ's tail fit of such a row sees a handful of tied values and returns k̂ = +inf ("unreliable"); rows with a
+    real spread at the same magnitude are still fitted.
+    """
+    rng = np.random.default_rng(0)
+    base = np.float32(-1219.0)
+    step = np.spacing(np.abs(base))  # one float32 step at 1219: 2^-13 ≈ 1.2e-4 nats
+    assert step == np.float32(2.0**-13)
+    lw = np.full((3, 1000), base, dtype=np.float32)
+    lw[0] += step * rng.integers(0, 2, size=1000).astype(np.float32)  # one-step jitter
+    lw[1] += step * rng.integers(-3, 4, size=1000).astype(np.float32)  # ± 3 steps: float32 rounding of a sum
+    lw[2] += rng.normal(scale=0.5, size=1000).astype(np.float32)  # a real, light-tailed spread
+    assert np.ptp(lw[0].astype(np.float64)) == pytest.approx(step) and step > 1e-4
+    smoothed, k = arviz_io.psis(lw)
+    assert k[0] == -np.inf and k[1] == -np.inf
+    np.testing.assert_allclose(smoothed[:2], -np.log(1000))
+    assert np.isfinite(k[2]) and k[2] < 0.5
+    # Near zero the tolerance stays absolute: a spread of 1e-3 nats is a real (if tiny) variation, fitted.
+    small = rng.normal(scale=3e-4, size=(1, 1000))
+    assert np.isfinite(arviz_io.psis(small)[1]).all()

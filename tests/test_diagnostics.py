@@ -150,3 +150,79 @@ def test_too_few_samples_for_a_tail_fit_warns():
         d = ppvae.diagnose(lg_model, X, guide=scaled_guide(HALVED), num_samples=20, collapse=False, gaps=False,
                            sbc=False, reference=False)  # fmt: skip
     assert np.isinf(d.khat).all() and d.share_khat_above == 1.0
+
+
+def test_exact_guide_on_high_dimensional_data_has_constant_weights():
+    """784 data dimensions, noise 0.05: an exact guide's float32 log-weights, ≈ +1200 nats, vary only by float32
+    rounding (a few steps of 1.2e-4). Every k̂ is −inf (constant weights), none +inf, and the finding says so."""
+    splits = ppvae.data.load("linear-gaussian", n=200, data_dim=784, latent_dim=2, noise=0.05)
+    gen, x = splits.generator, splits.test
+    vae = ppvae.VAE((784,), 2, likelihood={"name": "normal", "kwargs": {"scale": gen.sigma}}, guide="normal",
+                    encoder={"name": "mlp", "kwargs": {"hidden": []}},
+                    decoder={"name": "mlp", "kwargs": {"hidden": []}})  # fmt: skip
+    _, cov = gen.posterior(x[:1])
+    gain = gen.W.double() @ cov / gen.sigma**2  # posterior mean = (x − b) @ gain
+    sd = cov.diagonal().sqrt()
+    with torch.no_grad():
+        vae.decoder.net[0].weight.copy_(gen.W)
+        vae.decoder.net[0].bias.copy_(gen.b)
+        vae.guide_head.loc_head.weight.copy_(gain.T)
+        vae.guide_head.loc_head.bias.copy_(-(gen.b.double() @ gain))
+        vae.guide_head.scale_head.weight.zero_()
+        vae.guide_head.scale_head.bias.copy_(torch.log(torch.expm1(sd - 1e-5)))  # softplus⁻¹
+    assert (cov - cov.diagonal().diag()).abs().max() < 1e-6 * sd.min() ** 2  # orthogonal W: a diagonal posterior
+    d = ppvae.diagnose(vae, x, num_samples=1000, collapse=False, gaps=False, sbc=False, reference=False)
+    lw = d.evaluation.log_weights.astype(np.float64)
+    exact = gen.log_px(x).numpy()
+    assert np.abs(lw - exact[:, None]).max() < 1e-3 and np.ptp(lw, axis=1).max() > 1e-4  # rounding, above 1e-4
+    assert (d.khat == -np.inf).all() and d.share_khat_above == 0.0
+    assert d.findings()[0].startswith("q is a good importance proposal (median PSIS k̂ −inf: constant weights)")
+
+
+@pytest.mark.filterwarnings("ignore:the per-datapoint optimization of q\\* had not converged")  # 20 cheap steps
+def test_dynamically_binarized_data_are_drawn_once_and_shared(monkeypatch):
+    """Every part of diagnose sees the binary draws evaluate scores, never DynamicBinarized's grey levels (outside a
+    Bernoulli's support): one draw seeded by ``seed``, the same numbers as diagnose on that binary tensor."""
+    import importlib
+
+    from ppvae.data import DynamicBinarized
+
+    grey = torch.rand(30, 8, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.1  # no 0/1 grey level
+    mlp = {"name": "mlp", "kwargs": {"hidden": [16]}}
+    vae = ppvae.VAE((8,), 2, likelihood="bernoulli", guide="normal", encoder=mlp, decoder=mlp)
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def spy(module: str, name: str, position: int) -> None:
+        mod = importlib.import_module(module)
+        real = getattr(mod, name)
+
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, []).append(args[position])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, wrapper)
+
+    spy("ppvae.diagnostics.diagnosis", "evaluate", 1)
+    spy("ppvae.diagnostics.collapse", "posterior_collapse", 1)
+    spy("ppvae.diagnostics.gaps", "inference_gaps", 1)
+    spy("ppvae.diagnostics.reference", "reference_posterior", 1)
+    options = {**CHEAP, "sbc": False, "num_samples": 100, "seed": 5, "reference_warmup": 20, "reference_samples": 20}
+    d = ppvae.diagnose(vae, DynamicBinarized(grey), **options)
+    assert d.skipped == {} and all(len(v) == 1 for v in seen.values()) and len(seen) == 4
+    scored = seen["evaluate"][0]
+    assert torch.is_tensor(scored) and scored.shape == grey.shape
+    assert ((scored == 0) | (scored == 1)).all() and 0.2 < scored.mean() < 0.8
+    for name in ("posterior_collapse", "inference_gaps", "reference_posterior"):
+        assert torch.equal(torch.as_tensor(seen[name][0]), scored), name
+    # Diagnosing that draw as a tensor gives the same numbers.
+    again = ppvae.diagnose(vae, scored.clone(), **options)
+    np.testing.assert_array_equal(again.evaluation.log_px, d.evaluation.log_px)
+    np.testing.assert_array_equal(again.gaps.log_px, d.gaps.log_px)
+    assert again.collapse.kl_total == d.collapse.kl_total
+    np.testing.assert_array_equal(again.reference.draws, d.reference.draws)
+    # The draw depends on the seed alone, not on the global RNG.
+    only_evaluate = {"collapse": False, "gaps": False, "reference": False}
+    torch.manual_seed(99)
+    ppvae.diagnose(vae, DynamicBinarized(grey), **options | only_evaluate)
+    ppvae.diagnose(vae, DynamicBinarized(grey), **options | only_evaluate | {"seed": 6})
+    assert torch.equal(seen["evaluate"][2], scored) and not torch.equal(seen["evaluate"][3], scored)

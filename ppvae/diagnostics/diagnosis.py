@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from ppvae._json import jsonable
+from ppvae._validate import check_seed
+from ppvae.data import DynamicBinarized
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.evaluation import Evaluation, evaluate
 from ppvae.errors import ConfigError
@@ -209,6 +211,21 @@ def _pm(summary: dict, key: str) -> str:
     return f"{summary[key]:.3f} ± {summary[key + '_se']:.3f} nats"
 
 
+def _draw_once(data: Any, seed: int) -> Any:
+    """``data`` with a :class:`DynamicBinarized` part (``(N, *data_shape)`` grey levels in [0, 1], also as the first
+    element of a tuple) replaced by one binary draw x ~ Bernoulli(grey) seeded by ``seed``; anything else as given.
+
+    DynamicBinarized draws afresh on every access, so evaluate would score one draw while collapse, gaps and the
+    NUTS reference read the grey levels, which lie outside a Bernoulli's support. One draw, made with its own
+    generator (as :func:`ppvae.cli.runs.split_data` makes it for the CLI) so it depends on ``seed`` alone, is shared.
+    """
+    if isinstance(data, tuple) and data:
+        return (_draw_once(data[0], seed), *data[1:])
+    if isinstance(data, DynamicBinarized):
+        return torch.bernoulli(data.grey, generator=torch.Generator().manual_seed(check_seed(seed)))
+    return data
+
+
 def diagnose(
     model: Any,
     data: Any,
@@ -233,7 +250,8 @@ def diagnose(
     """Diagnose the posterior approximation of a model/guide pair on ``data``.
 
     Args:
-        model, guide, data: as for :func:`ppvae.evaluate`.
+        model, guide, data: as for :func:`ppvae.evaluate`. Dynamically binarized data
+            (:class:`ppvae.data.DynamicBinarized`) are drawn once with ``seed``; every part sees that draw.
         num_samples: importance samples per datapoint for log p̂, k̂ and ESS.
         collapse, gaps, sbc, reference: which of the costlier diagnostics to run.
         num_gap_points: datapoints for the amortization/approximation gaps (a per-datapoint optimization).
@@ -249,6 +267,7 @@ def diagnose(
         in ``Diagnosis.skipped`` with the reason.
     """
     t0 = time.perf_counter()
+    data = _draw_once(data, seed)
     if isinstance(num_samples, int) and 2 <= num_samples < 100:
         warnings.warn(
             f"num_samples={num_samples} is too few for a Pareto tail fit: PSIS k̂ is noisy below S = 100 and "
@@ -276,8 +295,7 @@ def diagnose(
         ess_per_sample=importance_ess(lw),
         seconds=seconds,
     )
-    x = data[0] if isinstance(data, tuple) else data
-    x = torch.as_tensor(getattr(x, "grey", x))
+    x = torch.as_tensor(data[0] if isinstance(data, tuple) else data)
 
     def attempt(name: str, enabled: bool, run: Callable[[], Any]) -> None:
         if not enabled:
