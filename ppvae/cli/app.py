@@ -27,7 +27,7 @@ from ppvae.blocks.guides import GUIDES
 from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import default_likelihood, parse_block, with_levels
-from ppvae.cli.args import seed_arg
+from ppvae.cli.args import count_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
 from ppvae.cli.scoring import add_scoring_args, diagnose_command, evaluate_command
@@ -61,13 +61,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
     p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
     p.add_argument("--decoder", default="mlp", help="mlp or conv")
-    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=16)
     p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
     p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
-    p.add_argument("--num-particles", type=int, default=1)
+    p.add_argument("--num-particles", type=count_arg("num_particles"), default=1)
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
-    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--patience", type=count_arg("patience"), default=None)
     p.add_argument("--clip-norm", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -83,8 +83,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="a NaN/Inf loss or gradient stops training with the weights from before that batch, saved in "
         "OUT/checkpoints/nonfinite.pt (raise, the default), or skips the batch, counted in the history (skip)",
     )
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=count_arg("epochs"), default=20)
+    p.add_argument("--batch-size", type=count_arg("batch_size"), default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", default="runs/train", help="run directory to write")
@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_scoring_args(p, "evaluation")
     p.add_argument(
-        "--batch-size", type=int, default=256, help="datapoints per chunk; memory only (default %(default)s)"
+        "--batch-size",
+        type=count_arg("batch_size"),
+        default=256,
+        help="datapoints per chunk; memory only (default %(default)s)",
     )
     p = sub.add_parser(
         "diagnose",
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("sample", help="draw new data from a saved run; a PNG grid for images")
     p.add_argument("run", help="run directory or model.pt")
-    p.add_argument("-n", "--num", type=int, default=64)
+    p.add_argument("-n", "--num", type=count_arg("num"), default=64)
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
     p.add_argument("--seed", type=seed_arg, default=0)
     p = sub.add_parser("info", help="what a saved run holds")

@@ -1,24 +1,21 @@
-"""argparse ``type`` functions built on :mod:`ppvae._validate`, so a bad flag is a one-line usage error."""
+"""argparse ``type`` functions built from :mod:`ppvae._validate`'s constraints, so a bad flag is a one-line usage
+error (before anything is loaded or written) that says what the library would have said."""
 
 from __future__ import annotations
 
-import argparse
+from ppvae._validate import COUNT, SEED, Interval, arg_type
 
-from ppvae._validate import check_seed
-from ppvae.errors import ConfigError
+__all__ = ["seed_arg", "count_arg", "whole_arg"]
 
-__all__ = ["seed_arg"]
+#: ``--seed``: a whole number in [0, 2^32 − 1].
+seed_arg = arg_type("seed", SEED)
 
 
-def seed_arg(text: str) -> int:
-    """argparse ``type`` for seeds: a whole number in [0, 2^32 − 1] (checked by :func:`ppvae._validate.check_seed`), so
-    a bad ``--seed`` is a one-line usage error rather than an error from NumPy once the work has started."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (seeds are in [0, 2**32 - 1])") from None
-    try:
-        return check_seed(value)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def count_arg(name: str) -> object:
+    """A whole number ≥ 1 for the flag ``name`` (epochs, batch sizes, sample counts)."""
+    return arg_type(name, COUNT)
 
+
+def whole_arg(name: str, low: int) -> object:
+    """A whole number ≥ ``low`` for the flag ``name``."""
+    return arg_type(name, Interval(whole=True, low=low))

@@ -18,7 +18,7 @@ from ppvae.blocks.guides import GUIDES
 from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
-from ppvae.cli.args import seed_arg
+from ppvae.cli.args import count_arg, seed_arg
 from ppvae.compare.grid import Comparison, GridSettings, compare
 from ppvae.errors import ConfigError
 from ppvae.infer.objectives import OBJECTIVES
@@ -57,8 +57,12 @@ DEMO_SETTINGS = GridSettings(
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=DEMO_SETTINGS.epochs, help="most epochs per cell (early stopping)")
-    p.add_argument("--jobs", type=int, default=None, help="cells in parallel (default: 2 where there are 2 cores)")
+    p.add_argument(
+        "--epochs", type=count_arg("epochs"), default=DEMO_SETTINGS.epochs, help="most epochs per cell (early stopping)"
+    )
+    p.add_argument(
+        "--jobs", type=count_arg("jobs"), default=None, help="cells in parallel (default: 2 where there are 2 cores)"
+    )
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the data split and every cell")
     p.add_argument("--out", default="runs/demo", help="cache, report and best run directory (default %(default)s)")
 
@@ -109,18 +113,33 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guides", nargs="+", default=["normal"], help=f"space-separated; of {', '.join(GUIDES.names())}")
     p.add_argument("--objectives", nargs="+", default=["elbo"], choices=OBJECTIVES)
     p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0])
-    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=16)
     p.add_argument("--encoder", default="mlp", help="shared by every cell (options: mlp:hidden=[256,128])")
     p.add_argument("--decoder", default="mlp", help="shared by every cell")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=count_arg("epochs"), default=20)
+    p.add_argument("--batch-size", type=count_arg("batch_size"), default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--num-particles", type=int, default=1, help="particles per step (the iwae objective's K)")
-    p.add_argument("--patience", type=int, default=None, help="early stopping on the validation ELBO")
-    p.add_argument("--num-samples", type=int, default=1000, help="importance samples S for log p̂ (default 1000)")
-    p.add_argument("--max-test-points", type=int, default=2000, help="evenly spaced test rows scored (default 2000)")
+    p.add_argument(
+        "--num-particles",
+        type=count_arg("num_particles"),
+        default=1,
+        help="particles per step (the iwae objective's K)",
+    )
+    p.add_argument("--patience", type=count_arg("patience"), default=None, help="early stopping on the validation ELBO")
+    p.add_argument(
+        "--num-samples",
+        type=count_arg("num_samples"),
+        default=1000,
+        help="importance samples S for log p̂ (default 1000)",
+    )
+    p.add_argument(
+        "--max-test-points",
+        type=count_arg("max_test_points"),
+        default=2000,
+        help="evenly spaced test rows scored (default 2000)",
+    )
     p.add_argument("--full-diagnostics", action="store_true", help="ppvae diagnose's defaults for every cell")
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (cores shared)")
+    p.add_argument("--jobs", type=count_arg("jobs"), default=1, help="cells run in parallel processes (cores shared)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose cached result is a failure")
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the data split")
     p.add_argument(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ppvae._local_params import local_module_params
 from ppvae._stats import mean_se
-from ppvae._validate import check_seed
+from ppvae._validate import COUNT, check, check_seed
 from ppvae.data import as_tensor
 from ppvae.data.batches import make_batches
 from ppvae.errors import ConfigError, DataError
@@ -163,8 +163,8 @@ def iter_log_weights(
     Chunks cover every datapoint (in order) and every particle; ``log_lik``/``kl`` are given for a ppvae.VAE.
     The chunks of one block of rows are views into ``(B, S)`` buffers allocated when the block starts.
     """
-    num_samples = _check_count("num_samples", num_samples, 1)
-    batch_size = 256 if batch_size is None else _check_count("batch_size", batch_size, 1)
+    num_samples = check("num_samples", num_samples, COUNT)
+    batch_size = 256 if batch_size is None else check("batch_size", batch_size, COUNT)
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = resolve_device(device)
     if owner is not None:
@@ -208,13 +208,6 @@ def iter_log_weights(
                     )
                     yield rows, out[0, :, cols], None, None
             start += n
-
-
-def _check_count(name: str, value: Any, low: int) -> int:
-    """An integer option (Python or NumPy integer, not a bool) ≥ ``low``, as an int; ConfigError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be a whole number ≥ {low}, got {value!r}")
-    return int(value)
 
 
 def _as_data(data: Any, owner: Any) -> Any:

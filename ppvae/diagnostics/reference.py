@@ -37,6 +37,7 @@ from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
 
 from ppvae._local_params import local_module_params
+from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.errors import ConfigError, DataError
@@ -179,8 +180,8 @@ def reference_posterior(
         ("num_samples", num_samples),
         ("num_guide_samples", num_guide_samples),
     ):
-        _check_int(name, value, minimum=2 if name in ("num_samples", "num_guide_samples") else 1)
-    _check_int("num_warmup", num_warmup, minimum=0)
+        check(name, value, Interval(whole=True, low=2 if name in ("num_samples", "num_guide_samples") else 1))
+    check("num_warmup", num_warmup, Interval(whole=True, low=0))
     x = _check_data(data)
     rows = _select(index, num_points, len(x))
     rng_state = pyro.util.get_rng_state()
@@ -245,11 +246,6 @@ def _resolve(model: Any, guide: Callable | None) -> tuple[Callable, Callable, nn
             f"methods), or a model function with guide=...; got {type(model).__name__} and guide={guide!r}"
         )
     return model_fn, guide_fn, owner
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
 
 
 def _check_data(data: Any) -> Tensor:
