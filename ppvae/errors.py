@@ -10,7 +10,7 @@ import re
 
 import torch
 
-__all__ = ["PPVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]
+__all__ = ["PPVAEError", "ConfigError", "NotApplicable", "DataError", "CheckpointError", "TrainingError"]
 
 
 class PPVAEError(Exception):
@@ -19,6 +19,16 @@ class PPVAEError(Exception):
 
 class ConfigError(PPVAEError, ValueError):
     """An argument or building-block name is invalid (unknown name, bad value, inconsistent options)."""
+
+
+class NotApplicable(ConfigError):
+    """This diagnostic cannot run on this pair (it needs something the pair does not have: an amortized encoder,
+    a latent site by that name, a family ppvae can re-fit per datapoint), and nothing else.
+
+    :func:`ppvae.diagnose` lists such a part under ``skipped`` with the reason; any other error in a part is
+    reported under ``failed`` and the rest of the diagnosis stands. A subclass of :class:`ConfigError`, so code
+    that called a diagnostic directly and caught ConfigError still does.
+    """
 
 
 class DataError(PPVAEError, ValueError):

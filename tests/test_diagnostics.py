@@ -10,6 +10,7 @@ import torch
 import ppvae
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import importance_ess
+from ppvae.errors import ConfigError, NotApplicable
 
 from .test_evaluate import GEN, HALVED, X, exact_vae, lg_model, scaled_guide
 
@@ -78,7 +79,7 @@ def test_full_diagnosis_of_a_vae_report_and_files(tmp_path):
     assert abs(d.gaps.summary()["approximation"]) < 0.05  # the guide family holds the exact posterior
     assert d.sbc.ranks.shape == (50, 4) and d.reference.draws.shape[0] == 1
     assert set(d.seconds) == {"evaluate_psis", "collapse", "gaps", "sbc", "reference"}
-    text = d.summary()
+    text = d.report()
     for row in ("ELBO", "log p̂(x) (IWAE_200)", "PSIS k̂", "active units", "amortization gap", "SBC p-value",
                 "NUTS reference"):  # fmt: skip
         assert row in text
@@ -103,7 +104,7 @@ def test_users_own_pair_gets_the_diagnostics_that_apply():
     assert d.reference is not None
     # NUTS on z reproduces the exact posterior that this guide samples from.
     assert np.abs(d.reference.metrics["mean_error_sd"]).max() < 0.5
-    assert "skipped" in d.summary()
+    assert "skipped" in d.report()
 
 
 def test_sbc_of_a_users_pair_through_diagnose():
@@ -140,8 +141,8 @@ def test_nan_datapoint_is_reported_not_a_crash():
                            reference=False)  # fmt: skip
     assert np.isnan(d.khat[2]) and np.isfinite(np.delete(d.khat, 2)).all()
     assert d.to_dict()["evaluation"]["num_nonfinite"] == 1
-    assert "nan" not in d.summary().split("PSIS")[1].split("\n")[0]
-    assert "non-finite datapoints" in d.summary() and "k̂ not computed" in d.summary()
+    assert "nan" not in d.report().split("PSIS")[1].split("\n")[0]
+    assert "non-finite datapoints" in d.report() and "k̂ not computed" in d.report()
     json.dumps(d.to_dict(), allow_nan=False)
 
 
@@ -176,7 +177,7 @@ def test_exact_guide_on_high_dimensional_data_has_constant_weights():
     exact = gen.log_px(x).numpy()
     assert np.abs(lw - exact[:, None]).max() < 1e-3 and np.ptp(lw, axis=1).max() > 1e-4  # rounding, above 1e-4
     assert (d.khat == -np.inf).all() and d.share_khat_above == 0.0
-    assert d.findings()[0].startswith("q is a good importance proposal (median PSIS k̂ −inf: constant weights)")
+    assert d.findings()[0].text.startswith("q is a good importance proposal (median PSIS k̂ −inf: constant weights)")
 
 
 @pytest.mark.filterwarnings("ignore:the per-datapoint optimization of q\\* had not converged")  # 20 cheap steps
@@ -226,3 +227,44 @@ def test_dynamically_binarized_data_are_drawn_once_and_shared(monkeypatch):
     ppvae.diagnose(vae, DynamicBinarized(grey), **options | only_evaluate)
     ppvae.diagnose(vae, DynamicBinarized(grey), **options | only_evaluate | {"seed": 6})
     assert torch.equal(seen["evaluate"][2], scored) and not torch.equal(seen["evaluate"][3], scored)
+
+
+def test_a_failing_part_is_reported_and_the_others_stand(monkeypatch):
+    """An error inside a part (here SBC, as from a flow prior whose support raises NotImplementedError) is kept
+    under ``failed`` with its message; evaluate and the other parts are still there."""
+    import ppvae.diagnostics.sbc as sbc_mod
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("support of this flow prior is not implemented")
+
+    monkeypatch.setattr(sbc_mod, "sbc", broken)
+    vae = exact_vae()
+    d = ppvae.diagnose(vae, X, num_samples=100, **{**CHEAP, "sbc": True, "reference": False})
+    assert d.failed == {"sbc": "NotImplementedError: support of this flow prior is not implemented"}
+    assert d.sbc is None and "sbc" not in d.skipped
+    assert d.evaluation is not None and d.collapse is not None and d.gaps is not None
+    record = d.summary()
+    assert record["failed"] == d.failed and "collapse" in record and "gaps" in record
+    assert "failed" in d.report() and str(d) == d.report()
+    # one summary() type across results: JSON-ready dicts
+    assert all(isinstance(part.summary(), dict) for part in (d, d.evaluation, d.collapse, d.gaps))
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("gap_steps", 0), ("num_gap_points", 0), ("sbc_simulations", 5), ("reference_samples", 1), ("gap_steps", 2.5)],
+)
+def test_a_bad_setting_is_the_callers_error_before_any_work(monkeypatch, option, value):
+    import ppvae.diagnostics.diagnosis as diagnosis_mod
+
+    monkeypatch.setattr(diagnosis_mod, "evaluate", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(ConfigError, match=f"{option} must be a whole number"):
+        ppvae.diagnose(exact_vae(), X, num_samples=100, **{**CHEAP, "sbc": True, "reference": True, option: value})
+
+
+def test_not_applicable_means_skipped_and_only_that():
+    from ppvae.diagnostics.collapse import posterior_collapse
+
+    with pytest.raises(NotApplicable, match="posterior collapse needs q"):
+        posterior_collapse(lg_model, X)
+    assert issubclass(NotApplicable, ConfigError)  # direct callers that caught ConfigError still do

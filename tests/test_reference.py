@@ -62,7 +62,8 @@ def test_nuts_matches_exact_posterior_of_a_vae():
     assert (ref.rhat < 1.05).all() and (ref.ess > 150).all()
     assert (np.abs(pooled.mean(1) - mean.numpy()) < 4 * sd / np.sqrt(ref.ess)).all()
     np.testing.assert_allclose(pooled.std(1), np.broadcast_to(sd, (3, 2)), rtol=0.1)
-    rows = ref.summary()
+    rows = ref.summary()["points"]
+    assert ref.summary()["converged"] == bool(ref.converged().all())
     assert [r["index"] for r in rows] == [0, 7, 13] and set(rows[0]) >= {"rhat_max", "ess_min", "mmd", "w1"}
     assert ref.converged().shape == (3,)
     # the weights were frozen only while sampling, and nothing entered the global parameter store

@@ -123,9 +123,16 @@ def _digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(jsonable(record), sort_keys=True, default=_key_part).encode()).hexdigest()[:20]
 
 
+#: The layout of result.json; a change makes every cached result stale (its model is rescored, not retrained).
+#: 2: findings as {code, severity, text} objects, failed parts.
+RESULT_FORMAT = 2
+
+
 def cell_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:
-    """A cell's cache key: its configuration, the shared settings, the data and the ppvae version."""
-    return _digest({"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__})
+    """A cell's cache key: its configuration, the shared settings, the data, the ppvae version and the result
+    format."""
+    record = {"cell": asdict(cell), "settings": asdict(settings), "data": fingerprint, "ppvae": __version__}
+    return _digest({**record, "result": RESULT_FORMAT})
 
 
 def train_key(cell: Cell, settings: GridSettings, fingerprint: str) -> str:

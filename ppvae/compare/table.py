@@ -66,9 +66,6 @@ COLUMNS: dict[str, str] = {
 
 _PARTS = ("prior", "likelihood", "guide", "objective", "seed")
 _MAX_NAN_SHARE = 0.1  # a cell with more NaN test rows is not ranked
-_WARNING_WORDS = ("unreliable", "rejects", "not converged", "non-finite", "collapsed", "off by", "had not converged")
-
-
 def build_table(cells: list[dict[str, Any]], settings: Any) -> Any:
     """One row per cell with the columns of :data:`COLUMNS`; ranks and paired differences within each group."""
     import pandas as pd
@@ -109,10 +106,11 @@ def _row(c: dict[str, Any], settings: Any) -> dict[str, Any]:
     if d.get("sbc"):
         row["sbc_p"] = _num(d["sbc"]["p_value"])
     if d.get("reference"):
-        ref = d["reference"]
+        ref = d["reference"]["points"]
         row["ref_mean_err_sd"] = float(np.mean([r["mean_error_sd"] for r in ref]))
         row["ref_sd_ratio"] = float(np.mean([r["sd_ratio"] for r in ref]))
-    found = [f for f in d.get("findings", []) if any(w in f for w in _WARNING_WORDS)]
+    found = [f["text"] for f in d.get("findings", []) if f["severity"] == "warning"]
+    found += [f"{part} failed: {error}" for part, error in d.get("failed", {}).items()]
     row["warnings"] = "; ".join(found + c.get("warnings", []))
     return row
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
-from ppvae.errors import ConfigError
+from ppvae.errors import NotApplicable
 
 __all__ = ["Collapse", "posterior_collapse", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
 
@@ -86,7 +86,7 @@ def posterior_collapse(
 ) -> Collapse:
     """Collapse statistics of a ppvae.VAE on (up to ``num_points`` rows of) ``data``: ``(N, *data_shape)``."""
     if not (hasattr(vae, "encode") and hasattr(vae, "prior")):
-        raise ConfigError(
+        raise NotApplicable(
             "posterior collapse needs q(z|x) and p(z) as distributions (a ppvae.VAE: encode(x), prior()); "
             f"got {type(vae).__name__}"
         )

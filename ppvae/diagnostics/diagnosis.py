@@ -8,7 +8,8 @@
   posteriors from NUTS (:mod:`ppvae.diagnostics.reference`).
 
 A diagnostic that does not apply to a pair (collapse needs q(z|x) and p(z) as distributions, for example) is
-listed in ``Diagnosis.skipped`` with the reason, never silently dropped.
+listed in ``Diagnosis.skipped`` with the reason (it raised :class:`~ppvae.errors.NotApplicable`); a part that fails
+for any other reason is listed in ``Diagnosis.failed`` with its error, and the other parts stand.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import numpy as np
 import torch
 
 from ppvae._json import jsonable
-from ppvae._validate import check_seed
+from ppvae._validate import Interval, check, check_seed
 from ppvae.data import DynamicBinarized
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.evaluation import Evaluation, evaluate
-from ppvae.errors import ConfigError
+from ppvae.diagnostics.findings import Finding
+from ppvae.errors import NotApplicable, PPVAEError, describe_out_of_memory, is_out_of_memory
 from ppvae.report.text import format_table
 
 __all__ = ["Diagnosis", "diagnose", "importance_ess"]
@@ -57,7 +59,8 @@ class Diagnosis:
     gaps: Any = None
     sbc: Any = None
     reference: Any = None
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # part → why it does not apply to this pair
+    failed: dict[str, str] = field(default_factory=dict)  # part → the error it stopped with
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part
 
     @property
@@ -84,18 +87,27 @@ class Diagnosis:
             part = getattr(self, name)
             if part is not None:
                 out[name] = jsonable(part.summary())
-        out["findings"] = self.findings()
+        out["findings"] = [f.to_dict() for f in self.findings()]
         out["skipped"] = dict(self.skipped)
+        out["failed"] = dict(self.failed)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         return jsonable(out)
 
-    def findings(self) -> list[str]:
+    def findings(self) -> list[Finding]:
         """What the numbers say, most consequential first, in sentences (:mod:`ppvae.diagnostics.findings`)."""
         from ppvae.diagnostics.findings import findings
 
         return findings(self)
 
-    def summary(self) -> str:
+    def summary(self) -> dict[str, Any]:
+        """Every part's numbers as JSON-ready values, like every other result's ``summary()``; :meth:`report` is the
+        text."""
+        return self.to_dict()
+
+    def __str__(self) -> str:
+        return self.report()
+
+    def report(self) -> str:
         """The findings, then a readable table: diagnostic, value, and how to read it."""
         lines = [f"- {f}" for f in self.findings()]
         return "\n".join([*lines, format_table(self.table())])
@@ -157,6 +169,8 @@ class Diagnosis:
             rows.append(("q vs NUTS sd ratio", f"{np.nanmean(r.metrics['sd_ratio']):.3f}", "1 when q matches"))
         for name, why in self.skipped.items():
             rows.append((name, "skipped", why))
+        for name, error in self.failed.items():
+            rows.append((name, "failed", error))
         return rows
 
     def to_inference_data(self) -> Any:
@@ -209,6 +223,14 @@ class Diagnosis:
 
 def _pm(summary: dict, key: str) -> str:
     return f"{summary[key]:.3f} ± {summary[key + '_se']:.3f} nats"
+
+
+def _one_line(err: Exception) -> str:
+    """A part's error as one line: ppvae's own messages as they are, anything else prefixed with its type."""
+    if is_out_of_memory(err):
+        return describe_out_of_memory(err)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if isinstance(err, PPVAEError) else f"{type(err).__name__}: {text}".rstrip(": ")
 
 
 def _draw_once(data: Any, seed: int) -> Any:
@@ -264,9 +286,22 @@ def diagnose(
 
     Returns:
         :class:`Diagnosis`. A part that does not apply to the pair (gaps and collapse need a ppvae.VAE) is listed
-        in ``Diagnosis.skipped`` with the reason.
+        in ``Diagnosis.skipped`` with the reason; a part that fails otherwise in ``Diagnosis.failed`` with its error,
+        and the others are kept. Settings are checked before any work starts (:class:`~ppvae.errors.ConfigError`).
     """
     t0 = time.perf_counter()
+    # Every setting is checked before any work starts: a mistake is the caller's error, never a skipped part.
+    counts = {
+        "num_gap_points": (num_gap_points, 1, gaps),
+        "gap_steps": (gap_steps, 1, gaps),
+        "sbc_simulations": (sbc_simulations, 10, sbc),
+        "num_reference_points": (num_reference_points, 1, reference),
+        "reference_warmup": (reference_warmup, 0, reference),
+        "reference_samples": (reference_samples, 2, reference),
+    }
+    for name, (value, low, used) in counts.items():
+        if used:
+            check(name, value, Interval(whole=True, low=low))
     data = _draw_once(data, seed)
     if isinstance(num_samples, int) and 2 <= num_samples < 100:
         warnings.warn(
@@ -303,8 +338,10 @@ def diagnose(
         start = time.perf_counter()
         try:
             setattr(result, name, run())
-        except ConfigError as err:  # the diagnostic does not apply to this pair: say why
+        except NotApplicable as err:  # the diagnostic cannot run on this pair: say why
             result.skipped[name] = str(err)
+        except Exception as err:  # noqa: BLE001 - one failing part must not lose the others; its error is kept
+            result.failed[name] = _one_line(err)
         seconds[name] = time.perf_counter() - start
 
     from ppvae.diagnostics.collapse import posterior_collapse

@@ -30,7 +30,7 @@ from ppvae._local_params import local_module_params
 from ppvae._stats import mean_se
 from ppvae.blocks.guides import FullRankGuide, LowRankGuide, NormalGuide
 from ppvae.data import as_tensor, check_finite
-from ppvae.errors import ConfigError, DataError
+from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.objectives import has_fast_elbo
 
 __all__ = ["Gaps", "inference_gaps"]
@@ -194,7 +194,7 @@ def inference_gaps(
 def _check_vae(model: Any, guide: Callable | None) -> Any:
     if has_fast_elbo(model) and (guide is None or guide == model.guide):
         return model
-    raise ConfigError(
+    raise NotApplicable(
         f"inference_gaps needs a non-amortized version of the guide (the same family optimized per datapoint) to "
         f"measure the amortization gap; ppvae builds it for a ppvae.VAE (from its guide_head), got "
         f"{type(model).__name__}{'' if guide is None else ' with a separate guide'}. For your own model/guide pair, "

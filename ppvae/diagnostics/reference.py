@@ -40,7 +40,7 @@ from ppvae._local_params import local_module_params
 from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
-from ppvae.errors import ConfigError, DataError
+from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.objectives import has_fast_elbo
 
 __all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics"]
@@ -77,10 +77,11 @@ class ReferencePosterior:
         """``(K,)`` bool: R-hat < 1.01 and bulk ESS > 400 in every dimension."""
         return (self.rhat < RHAT_MAX).all(axis=1) & (self.ess > ESS_MIN).all(axis=1)
 
-    def summary(self) -> list[dict]:
-        """One row per datapoint: the worst diagnostics and the guide's mean distances over dimensions."""
+    def summary(self) -> dict[str, Any]:
+        """``{"points": rows, "converged": bool}``: one row per datapoint with the worst diagnostics and the guide's
+        mean distances over dimensions; ``converged`` when every datapoint's chains converged."""
         m = self.metrics
-        return [
+        points = [
             {
                 "index": int(self.index[k]),
                 "rhat_max": float(self.rhat[k].max()),
@@ -93,6 +94,7 @@ class ReferencePosterior:
             }
             for k in range(len(self.index))
         ]
+        return {"points": points, "converged": bool(self.converged().all())}
 
 
 def posterior_metrics(reference: np.ndarray, approx: np.ndarray) -> dict[str, np.ndarray]:
@@ -317,7 +319,7 @@ def _check_site(model_fn: Callable, guide_fn: Callable, xk: Tensor, site: str) -
             trace = poutine.trace(fn).get_trace(xk)
         latent = [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
         if site not in latent:
-            raise ConfigError(
+            raise NotApplicable(
                 f"the {role} has no latent sample site {site!r}; its latent sites are {latent}: "
                 f"pass latent_site= one of them"
             )
