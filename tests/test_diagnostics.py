@@ -268,3 +268,35 @@ def test_not_applicable_means_skipped_and_only_that():
     with pytest.raises(NotApplicable, match="posterior collapse needs q"):
         posterior_collapse(lg_model, X)
     assert issubclass(NotApplicable, ConfigError)  # direct callers that caught ConfigError still do
+
+
+def test_every_default_comes_from_the_configs():
+    """diagnose, each diagnostic, the CLI flags and the compare preset read one source of defaults."""
+    import inspect
+
+    from ppvae.cli import app
+    from ppvae.cli.compare import QUICK_DIAGNOSE
+    from ppvae.diagnostics import config, gaps, reference, sbc
+
+    d = config.DiagnoseConfig()
+    defaults = {k: v.default for k, v in inspect.signature(ppvae.diagnose).parameters.items()}
+    assert {k: defaults[k] for k in d.diagnose_kwargs()} == d.diagnose_kwargs()
+    assert inspect.signature(gaps.inference_gaps).parameters["steps"].default == d.gaps.steps
+    assert inspect.signature(reference.reference_posterior).parameters["num_points"].default == d.reference.num_points
+    assert inspect.signature(sbc.sbc).parameters["num_simulations"].default == d.sbc.num_simulations
+    args = app.build_parser().parse_args(["diagnose", "RUN"])
+    assert (args.gap_points, args.gap_steps, args.sbc_simulations) == (
+        d.gaps.num_points,
+        d.gaps.steps,
+        d.sbc.num_simulations,
+    )
+    assert (args.reference_points, args.reference_warmup, args.reference_samples, args.num_samples) == (
+        d.reference.num_points,
+        d.reference.num_warmup,
+        d.reference.num_nuts_draws,
+        d.num_importance_samples,
+    )
+    quick = config.DiagnoseConfig.quick().diagnose_kwargs()
+    assert QUICK_DIAGNOSE == {k: quick[k] for k in QUICK_DIAGNOSE} and QUICK_DIAGNOSE["gap_steps"] == 150
+    off = config.DiagnoseConfig(sbc=None, reference=None).diagnose_kwargs()
+    assert off["sbc"] is False and off["reference"] is False and off["gaps"] is True

@@ -31,6 +31,7 @@ from ppvae.cli.args import count_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
 from ppvae.cli.scoring import add_scoring_args, diagnose_command, evaluate_command
+from ppvae.diagnostics.config import GapsConfig, ReferenceConfig, SBCConfig
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.infer.train import fit
@@ -138,14 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, default, text in (
         ("--no-gaps", None, "skip the amortization/approximation gaps"),
-        ("--gap-points", 100, "datapoints (seeded draw) for the gaps"),
-        ("--gap-steps", 300, "Adam steps of the per-datapoint guides"),
+        ("--gap-points", GapsConfig.num_points, "datapoints (seeded draw) for the gaps"),
+        ("--gap-steps", GapsConfig.steps, "Adam steps of the per-datapoint guides"),
         ("--no-sbc", None, "skip simulation-based calibration"),
-        ("--sbc-simulations", 500, "simulations for SBC, ≥ 10"),
+        ("--sbc-simulations", SBCConfig.num_simulations, "simulations for SBC, ≥ 10"),
         ("--no-reference", None, "skip NUTS reference posteriors (the costliest part)"),
-        ("--reference-points", 3, "datapoints (evenly spaced) for NUTS"),
-        ("--reference-warmup", 500, "NUTS warm-up steps per chain, 2 chains"),
-        ("--reference-samples", 1000, "NUTS draws kept per chain"),
+        ("--reference-points", ReferenceConfig.num_points, "datapoints (evenly spaced) for NUTS"),
+        ("--reference-warmup", ReferenceConfig.num_warmup, "NUTS warm-up steps per chain, 2 chains"),
+        ("--reference-samples", ReferenceConfig.num_nuts_draws, "NUTS draws kept per chain"),
     ):
         if default is None:
             p.add_argument(flag, action="store_true", help=text)

@@ -20,20 +20,19 @@ from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
 from ppvae.cli.args import count_arg, seed_arg
 from ppvae.compare.grid import Comparison, GridSettings, compare
+from ppvae.diagnostics.config import DiagnoseConfig
 from ppvae.errors import ConfigError
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.report.figures import image_grid
 
 __all__ = ["add_compare_args", "add_demo_args", "compare_command", "demo_command", "DEMO_GRID", "QUICK_DIAGNOSE"]
 
-# Cheap diagnostics for every cell of a grid: gaps on 30 points, SBC 100, NUTS on 1 point with 150 + 150 steps.
+# Cheap diagnostics for every cell of a grid (DiagnoseConfig.quick: gaps on 30 points, SBC 100, NUTS on 1 point
+# with 150 + 150 steps); the grid sets the importance samples itself.
 QUICK_DIAGNOSE: dict[str, Any] = {
-    "num_gap_points": 30,
-    "gap_steps": 150,
-    "sbc_simulations": 100,
-    "num_reference_points": 1,
-    "reference_warmup": 150,
-    "reference_samples": 150,
+    k: v
+    for k, v in DiagnoseConfig.quick().diagnose_kwargs().items()
+    if k not in ("num_samples", "collapse", "gaps", "sbc", "reference")
 }
 
 # `ppvae demo`'s grid on the embedded digits (17 grey levels): 2 priors × 2 likelihoods × 2 guides.

@@ -15,6 +15,7 @@ from ppvae._json import jsonable
 from ppvae.cli.args import seed_arg
 from ppvae.cli.runs import load_run, run_path, split_data
 from ppvae.diagnostics import arviz_io
+from ppvae.diagnostics.config import DiagnoseConfig
 from ppvae.diagnostics.diagnosis import Diagnosis, diagnose
 from ppvae.diagnostics.evaluation import evaluate
 from ppvae.errors import ConfigError
@@ -34,7 +35,7 @@ def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--num-samples",
         type=int,
-        default=1000,
+        default=DiagnoseConfig.num_importance_samples,
         help="importance samples S per datapoint (≥ 2; default %(default)s); log p̂ is IWAE_S",
     )
     p.add_argument("--out", default=None, help=f"directory to write (default RUN/{what})")

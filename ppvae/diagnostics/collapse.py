@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae.diagnostics.config import CollapseConfig
 from ppvae.errors import NotApplicable
 
 __all__ = ["Collapse", "posterior_collapse", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
@@ -82,7 +83,12 @@ def _prior_marginal(p: dist.Distribution) -> dist.Distribution | None:
 
 @torch.no_grad()
 def posterior_collapse(
-    vae: Any, data: Tensor, *, num_points: int = 1000, num_samples: int = 64, seed: int = 0
+    vae: Any,
+    data: Tensor,
+    *,
+    num_points: int = CollapseConfig.num_points,
+    num_samples: int = CollapseConfig.num_mc_draws,
+    seed: int = 0,
 ) -> Collapse:
     """Collapse statistics of a ppvae.VAE on (up to ``num_points`` rows of) ``data``: ``(N, *data_shape)``."""
     if not (hasattr(vae, "encode") and hasattr(vae, "prior")):

@@ -30,6 +30,7 @@ from ppvae._json import jsonable
 from ppvae._validate import Interval, check, check_seed
 from ppvae.data import DynamicBinarized
 from ppvae.diagnostics import arviz_io
+from ppvae.diagnostics.config import DiagnoseConfig, GapsConfig, ReferenceConfig, SBCConfig
 from ppvae.diagnostics.evaluation import Evaluation, evaluate
 from ppvae.diagnostics.findings import Finding
 from ppvae.errors import NotApplicable, PPVAEError, describe_out_of_memory, is_out_of_memory
@@ -253,17 +254,17 @@ def diagnose(
     data: Any,
     *,
     guide: Callable | None = None,
-    num_samples: int = 1000,
+    num_samples: int = DiagnoseConfig.num_importance_samples,
     collapse: bool = True,
     gaps: bool = True,
     sbc: bool = True,
     reference: bool = True,
-    num_gap_points: int = 100,
-    gap_steps: int = 300,
-    sbc_simulations: int = 500,
-    num_reference_points: int = 3,
-    reference_warmup: int = 500,
-    reference_samples: int = 1000,
+    num_gap_points: int = GapsConfig.num_points,
+    gap_steps: int = GapsConfig.steps,
+    sbc_simulations: int = SBCConfig.num_simulations,
+    num_reference_points: int = ReferenceConfig.num_points,
+    reference_warmup: int = ReferenceConfig.num_warmup,
+    reference_samples: int = ReferenceConfig.num_nuts_draws,
     data_plate: str = "data",
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -276,6 +277,8 @@ def diagnose(
             (:class:`ppvae.data.DynamicBinarized`) are drawn once with ``seed``; every part sees that draw.
         num_samples: importance samples per datapoint for log p̂, k̂ and ESS.
         collapse, gaps, sbc, reference: which of the costlier diagnostics to run.
+            Every default comes from :mod:`ppvae.diagnostics.config`; ``diagnose(model, data,
+            **DiagnoseConfig(...).diagnose_kwargs())`` runs a configuration.
         num_gap_points: datapoints for the amortization/approximation gaps (a per-datapoint optimization).
         sbc_simulations: simulated datasets for simulation-based calibration of the guide.
         num_reference_points, reference_warmup, reference_samples: datapoints for the NUTS reference posterior,

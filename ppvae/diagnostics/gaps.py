@@ -30,6 +30,7 @@ from ppvae._local_params import local_module_params
 from ppvae._stats import mean_se
 from ppvae.blocks.guides import FullRankGuide, LowRankGuide, NormalGuide
 from ppvae.data import as_tensor, check_finite
+from ppvae.diagnostics.config import GapsConfig
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.objectives import has_fast_elbo
 
@@ -82,11 +83,11 @@ def inference_gaps(
     *,
     guide: Callable | None = None,
     index: Sequence[int] | np.ndarray | Tensor | None = None,
-    num_points: int = 100,
-    steps: int = 500,
-    lr: float = 1e-2,
-    num_particles: int = 16,
-    num_samples: int = 1000,
+    num_points: int = GapsConfig.num_points,
+    steps: int = GapsConfig.steps,
+    lr: float = GapsConfig.lr,
+    num_particles: int = GapsConfig.num_particles,
+    num_samples: int = GapsConfig.num_importance_samples,
     seed: int = 0,
 ) -> Gaps:
     """Split each datapoint's inference gap into approximation and amortization gaps (Cremer et al. 2018).

@@ -40,6 +40,7 @@ from ppvae._local_params import local_module_params
 from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
+from ppvae.diagnostics.config import ReferenceConfig
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.objectives import has_fast_elbo
 
@@ -147,11 +148,11 @@ def reference_posterior(
     *,
     guide: Callable | None = None,
     index: Any = None,
-    num_points: int = 5,
-    num_chains: int = 2,
-    num_warmup: int = 500,
-    num_samples: int = 1000,
-    num_guide_samples: int = 1000,
+    num_points: int = ReferenceConfig.num_points,
+    num_chains: int = ReferenceConfig.num_chains,
+    num_warmup: int = ReferenceConfig.num_warmup,
+    num_samples: int = ReferenceConfig.num_nuts_draws,
+    num_guide_samples: int = ReferenceConfig.num_guide_draws,
     latent_site: str = "z",
     seed: int = 0,
     progress: bool = False,

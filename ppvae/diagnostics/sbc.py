@@ -25,6 +25,7 @@ from scipy import stats
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae.diagnostics.config import SBCConfig
 from ppvae.errors import ConfigError
 
 __all__ = ["SBCResult", "sbc", "sbc_plot"]
@@ -82,10 +83,10 @@ def sbc(
     model: Any,
     *,
     guide: Callable | None = None,
-    num_simulations: int = 500,
-    num_draws: int = 99,
+    num_simulations: int = SBCConfig.num_simulations,
+    num_draws: int = SBCConfig.num_draws,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = SBCConfig.batch_size,
 ) -> SBCResult:
     """Simulation-based calibration of q(z | x) against the model's own simulations (Talts et al. 2018).
 
