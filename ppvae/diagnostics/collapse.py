@@ -23,6 +23,7 @@ from torch import Tensor
 from ppvae._local_params import local_module_params
 from ppvae.diagnostics.config import CollapseConfig
 from ppvae.errors import NotApplicable
+from ppvae.infer.pair import AmortizedEncoder
 
 __all__ = ["Collapse", "posterior_collapse", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
 
@@ -91,7 +92,7 @@ def posterior_collapse(
     seed: int = 0,
 ) -> Collapse:
     """Collapse statistics of a ppvae.VAE on (up to ``num_points`` rows of) ``data``: ``(N, *data_shape)``."""
-    if not (hasattr(vae, "encode") and hasattr(vae, "prior")):
+    if not isinstance(vae, AmortizedEncoder):
         raise NotApplicable(
             "posterior collapse needs q(z|x) and p(z) as distributions (a ppvae.VAE: encode(x), prior()); "
             f"got {type(vae).__name__}"

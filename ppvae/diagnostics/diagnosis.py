@@ -353,7 +353,11 @@ def diagnose(
     if gaps:
         from ppvae.diagnostics.gaps import inference_gaps
 
-        attempt("gaps", True, lambda: inference_gaps(model, x, num_points=num_gap_points, steps=gap_steps, seed=seed))
+        attempt(
+            "gaps",
+            True,
+            lambda: inference_gaps(model, x, guide=guide, num_points=num_gap_points, steps=gap_steps, seed=seed),
+        )
     if sbc:
         from ppvae.diagnostics.sbc import sbc as run_sbc
 

@@ -32,8 +32,7 @@ from ppvae.data import as_tensor
 from ppvae.data.batches import make_batches
 from ppvae.errors import ConfigError, DataError
 from ppvae.infer.logweights import log_weights, plate_nesting
-from ppvae.infer.objectives import has_fast_elbo
-from ppvae.infer.pair import resolve_device, resolve_pair
+from ppvae.infer.pair import is_builtin_vae, resolve_device, resolve_pair
 
 __all__ = ["Evaluation", "evaluate", "iter_log_weights"]
 
@@ -174,7 +173,7 @@ def iter_log_weights(
         # Shape and the likelihood's support, as fit checks them: a log-probability of data outside the support
         # (0.5 under a Bernoulli, a value off a categorical's grid) is a finite-looking number that means nothing.
         batches.check_against(owner)
-    fast = has_fast_elbo(owner)
+    fast = is_builtin_vae(owner)
     _check_memory(min(batch_size, batches.n or batch_size), num_samples, 3 if fast else 1)
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None

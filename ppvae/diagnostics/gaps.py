@@ -32,7 +32,7 @@ from ppvae.blocks.guides import FullRankGuide, LowRankGuide, NormalGuide
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.config import GapsConfig
 from ppvae.errors import ConfigError, DataError, NotApplicable
-from ppvae.infer.objectives import has_fast_elbo
+from ppvae.infer.pair import as_pair
 
 __all__ = ["Gaps", "inference_gaps"]
 
@@ -193,7 +193,7 @@ def inference_gaps(
 
 
 def _check_vae(model: Any, guide: Callable | None) -> Any:
-    if has_fast_elbo(model) and (guide is None or guide == model.guide):
+    if as_pair(model, guide, what="inference_gaps").is_builtin_vae:
         return model
     raise NotApplicable(
         f"inference_gaps needs a non-amortized version of the guide (the same family optimized per datapoint) to "

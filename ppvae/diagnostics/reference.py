@@ -42,7 +42,7 @@ from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.diagnostics.config import ReferenceConfig
 from ppvae.errors import ConfigError, DataError, NotApplicable
-from ppvae.infer.objectives import has_fast_elbo
+from ppvae.infer.pair import as_pair, is_builtin_vae
 
 __all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics"]
 
@@ -188,7 +188,7 @@ def reference_posterior(
     x = _check_data(data)
     rows = _select(index, num_points, len(x))
     rng_state = pyro.util.get_rng_state()
-    fast = has_fast_elbo(owner) and guide is None and latent_site == "z"
+    fast = is_builtin_vae(owner) and guide is None and latent_site == "z"
     draws, guide_draws = [], []
     try:
         with _frozen(owner):
@@ -239,16 +239,8 @@ def reference_posterior(
 
 
 def _resolve(model: Any, guide: Callable | None) -> tuple[Callable, Callable, nn.Module | None]:
-    owner = model if isinstance(model, nn.Module) else None
-    has_methods = callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))
-    model_fn = model.model if callable(getattr(model, "model", None)) else model
-    guide_fn = guide if guide is not None else (model.guide if has_methods else None)
-    if not callable(model_fn) or not callable(guide_fn):
-        raise ConfigError(
-            f"reference_posterior needs a model and a guide: pass a ppvae.VAE (or an object with model and guide "
-            f"methods), or a model function with guide=...; got {type(model).__name__} and guide={guide!r}"
-        )
-    return model_fn, guide_fn, owner
+    pair = as_pair(model, guide, what="reference_posterior")
+    return pair.model, pair.guide, pair.owner
 
 
 def _check_data(data: Any) -> Tensor:

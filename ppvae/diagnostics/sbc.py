@@ -27,6 +27,7 @@ from torch import Tensor
 from ppvae._local_params import local_module_params
 from ppvae.diagnostics.config import SBCConfig
 from ppvae.errors import ConfigError
+from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
 
 __all__ = ["SBCResult", "sbc", "sbc_plot"]
 
@@ -111,18 +112,11 @@ def sbc(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    is_vae = guide is None and all(callable(getattr(model, a, None)) for a in ("prior", "decode", "encode"))
-    if is_vae:
+    if guide is None and isinstance(model, AmortizedEncoder) and isinstance(model, GenerativePath):
         simulate = _vae_simulator(model)
     else:
-        model_fn = model.model if callable(getattr(model, "model", None)) else model
-        guide_fn = guide if guide is not None else getattr(model, "guide", None)
-        if not callable(model_fn) or not callable(guide_fn):
-            raise ConfigError(
-                f"sbc needs a ppvae.VAE, an object with model and guide methods, or a model function with guide=...; "
-                f"got {type(model).__name__} and guide={type(guide).__name__}"
-            )
-        simulate = _pair_simulator(model_fn, guide_fn)
+        pair = as_pair(model, guide, what="sbc")
+        simulate = _pair_simulator(pair.model, pair.guide)
     pyro.set_rng_seed(seed)
     training = getattr(model, "training", None)
     if training:

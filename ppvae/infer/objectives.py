@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ppvae.errors import ConfigError
 from ppvae.infer.logweights import log_weights
+from ppvae.infer.pair import is_builtin_vae
 
 __all__ = ["OBJECTIVES", "make_objective", "scale_latents", "ScaleLatents", "vae_elbo_loss", "has_fast_elbo"]
 
@@ -69,10 +70,9 @@ def make_objective(
 
 
 def has_fast_elbo(model: Any) -> bool:
-    """Whether ``model`` is a :class:`ppvae.VAE` with its own ``model``/``guide`` (not overridden by a subclass)."""
-    from ppvae.vae import VAE  # deferred: vae imports the building blocks, which import nothing from here
-
-    return isinstance(model, VAE) and type(model).model is VAE.model and type(model).guide is VAE.guide
+    """Whether ``vae_elbo_loss`` may stand in for Trace_ELBO on ``model``: an unmodified :class:`ppvae.VAE`
+    (:func:`ppvae.infer.pair.is_builtin_vae`)."""
+    return is_builtin_vae(model)
 
 
 def vae_elbo_loss(vae: Any, x: Tensor, beta: float = 1.0, num_particles: int = 1) -> Tensor:
