@@ -4,22 +4,27 @@ Pyro trains only what reaches its parameter store. A pair of *functions* that ca
 ``pyro.module(...)`` trains nothing of that module, silently; ``fit`` refuses it and names the module.
 Modules (a ``ppvae.VAE``, a user's ``nn.Module``/``PyroModule`` with ``model``/``guide`` methods) are trained
 through their own ``parameters()``, so their children are always included.
+
+:func:`fork_rngs` keeps the other global state a library call could leave behind, the RNGs, to one block.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyro
+import torch
 from pyro import poutine
 from torch import Tensor, nn
 
 from .errors import TrainingError
 
-__all__ = ["collect_params", "module_params_are_local", "local_module_params"]
+__all__ = ["collect_params", "fork_rngs", "module_params_are_local", "local_module_params"]
 
 _LOCAL = threading.local()
 
@@ -42,6 +47,27 @@ def local_module_params() -> Iterator[None]:
         yield
     finally:
         _LOCAL.active = previous
+
+
+@contextmanager
+def fork_rngs(seed: int | None = None) -> Iterator[None]:
+    """Run the block on copies of the global RNGs: torch's (CPU and every initialized CUDA device), NumPy's and
+    Python's are restored afterwards, so a library call with ``seed=`` leaves a user's seeded state as it found it.
+
+    With ``seed``, the block starts from :func:`pyro.set_rng_seed` (seed) and draws exactly what it drew when the
+    library reseeded the global RNGs: the same numbers, without the side effect. A CUDA device first used inside
+    the block keeps the state it got there (there was none of the caller's to restore).
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                pyro.set_rng_seed(seed)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def collect_params(model: Callable, guide: Callable, owner: nn.Module | None, args: tuple) -> list[tuple[str, Tensor]]:

@@ -25,7 +25,7 @@ from scipy import stats
 from torch import Tensor
 
 from .errors import ConfigError
-from .params import local_module_params
+from .params import fork_rngs, local_module_params
 
 __all__ = ["SBCResult", "sbc", "sbc_plot"]
 
@@ -97,7 +97,8 @@ def sbc(
         guide: the guide function when ``model`` is a function.
         num_simulations: M simulated datasets of one datapoint each (≥ 10).
         num_draws: L guide draws per simulation; ranks lie in {0, …, L}.
-        seed: seeds Pyro/torch/NumPy RNGs (:func:`pyro.set_rng_seed`), so results are reproducible.
+        seed: seeds Pyro/torch/NumPy RNGs (:func:`pyro.set_rng_seed`) for this call only, so results are
+            reproducible and the caller's global RNG state is as it was.
         batch_size: simulations processed at once (vectorized).
 
     Returns:
@@ -122,13 +123,14 @@ def sbc(
                 f"got {type(model).__name__} and guide={type(guide).__name__}"
             )
         simulate = _pair_simulator(model_fn, guide_fn)
-    pyro.set_rng_seed(seed)
     training = getattr(model, "training", None)
     if training:
         model.eval()
     chunks = []
     try:
-        with torch.no_grad(), local_module_params(), poutine.block():
+        # Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed) gave): the caller's stay as they
+        # were.
+        with torch.no_grad(), local_module_params(), poutine.block(), fork_rngs(seed):
             for start in range(0, num_simulations, batch_size):
                 m = min(batch_size, num_simulations - start)
                 z_true, draws = simulate(m, num_draws)  # (m, D), (L, m, D)

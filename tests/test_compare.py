@@ -132,6 +132,22 @@ def test_users_own_fitted_pair_is_scored_alongside(digits, tmp_path):
     assert df["log_px"].iloc[0] == pytest.approx(df["log_px"].iloc[1]) and sorted(df["rank"]) == [1, 2]
 
 
+def test_a_grid_leaves_the_callers_rng_state(digits, tmp_path):
+    """Cells seed their training and scores on copies of the global RNGs: the caller's state is as it was."""
+    import random
+
+    import torch
+
+    torch.manual_seed(11)
+    np.random.seed(11)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    comp = compare(digits, likelihoods=["categorical"], settings=TINY, out=tmp_path, progress=None)
+    assert comp.table()["status"].item() == "ok"
+    assert torch.equal(before[0], torch.get_rng_state())
+    np.testing.assert_array_equal(before[1], np.random.get_state()[1])
+    assert before[2] == random.getstate()
+
+
 def test_bad_arguments(digits):
     with pytest.raises(ppvae.ConfigError, match="jobs"):
         compare(digits, jobs=0)

@@ -11,7 +11,7 @@ import ppvae
 from ppvae import arviz_io
 from ppvae.diagnostics import importance_ess
 
-from .test_evaluate import GEN, HALVED, X, exact_vae, lg_model, scaled_guide
+from .test_evaluate import GEN, HALVED, X, assert_same_rng_states, exact_vae, lg_model, rng_states, scaled_guide
 
 CHEAP = {"num_gap_points": 5, "gap_steps": 20, "sbc_simulations": 50, "num_reference_points": 1,
          "reference_warmup": 50, "reference_samples": 100}  # fmt: skip
@@ -150,3 +150,15 @@ def test_too_few_samples_for_a_tail_fit_warns():
         d = ppvae.diagnose(lg_model, X, guide=scaled_guide(HALVED), num_samples=20, collapse=False, gaps=False,
                            sbc=False, reference=False)  # fmt: skip
     assert np.isinf(d.khat).all() and d.share_khat_above == 1.0
+
+
+def test_diagnose_leaves_the_callers_rng_state():
+    """Every part (evaluate, collapse, gaps, SBC, NUTS reference) seeds copies of the global RNGs, not them."""
+    vae = exact_vae()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    before = rng_states()
+    cheap = dict(CHEAP, num_gap_points=2, gap_steps=5, sbc_simulations=10, reference_warmup=10, reference_samples=10)
+    d = ppvae.diagnose(vae, X[:6], num_samples=30, **cheap)
+    assert d.collapse is not None and d.gaps is not None and d.sbc is not None and d.reference is not None
+    assert_same_rng_states(before, rng_states())
