@@ -86,6 +86,20 @@ def test_resume_reruns_nothing_finished(digits, grid, monkeypatch):
     assert sorted(c.prior for c in calls) == ["mixture", "normal"]  # the two failed cells, nothing else
 
 
+def test_progress_is_logged_not_printed_unless_a_printer_is_given(digits, grid, capsys, caplog):
+    import logging
+
+    kwargs = dict(priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"], settings=TINY, out=grid[1])
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="ppvae.compare"):
+        compare(digits, **kwargs)
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage().partition(": ")[0] for r in caplog.records if r.name == "ppvae.compare"] == ["cached"] * 4
+    said = []
+    compare(digits, progress=said.append, **kwargs)
+    assert len(said) == 4 and all(line.startswith("cached: ") for line in said)
+
+
 def test_groups_are_never_ranked_against_each_other(digits, grid, tmp_path):
     """A Bernoulli cell on binarized digits and the grey-level cells: each group has its own rank 1."""
     binary = ppvae.data.load("digits", binarize="static", seed=0)
