@@ -237,6 +237,7 @@ def test_demo_runs_the_grid_writes_the_report_and_saves_the_best_run(tmp_path, c
     assert main(["demo", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert printed.index("verdict:") < printed.index("Best model") < printed.index("bits_per_dim")
+    assert printed.count("\ndone: ") == 8  # a line per finished cell: the CLI passes its printer to compare
     table = pd.read_csv(tmp_path / "table.csv")
     assert len(table) == 8 and set(table["status"]) == {"ok"} and sorted(table["rank"]) == list(range(1, 9))
     assert {c.split(" · ")[0] for c in table["cell"]} == {"normal", "mixture"}

@@ -86,6 +86,20 @@ def test_resume_reruns_nothing_finished(digits, grid, monkeypatch):
     assert sorted(c.prior for c in calls) == ["mixture", "normal"]  # the two failed cells, nothing else
 
 
+def test_progress_is_logged_not_printed_unless_a_printer_is_given(digits, grid, capsys, caplog):
+    import logging
+
+    kwargs = dict(priors=["normal", "mixture"], likelihoods=["categorical", "bernoulli"], settings=TINY, out=grid[1])
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="ppvae.compare"):
+        compare(digits, **kwargs)
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage().partition(": ")[0] for r in caplog.records if r.name == "ppvae.compare"] == ["cached"] * 4
+    said = []
+    compare(digits, progress=said.append, **kwargs)
+    assert len(said) == 4 and all(line.startswith("cached: ") for line in said)
+
+
 def test_groups_are_never_ranked_against_each_other(digits, grid, tmp_path):
     """A Bernoulli cell on binarized digits and the grey-level cells: each group has its own rank 1."""
     binary = ppvae.data.load("digits", binarize="static", seed=0)
@@ -130,6 +144,22 @@ def test_users_own_fitted_pair_is_scored_alongside(digits, tmp_path):
     assert set(df["cell"]) == {"mine", "functions"} and df["status"].eq("ok").all() and np.isfinite(df["log_px"]).all()
     # The same pair, scored twice with the same seed: the same numbers; ranked together (a probability mass).
     assert df["log_px"].iloc[0] == pytest.approx(df["log_px"].iloc[1]) and sorted(df["rank"]) == [1, 2]
+
+
+def test_a_grid_leaves_the_callers_rng_state(digits, tmp_path):
+    """Cells seed their training and scores on copies of the global RNGs: the caller's state is as it was."""
+    import random
+
+    import torch
+
+    torch.manual_seed(11)
+    np.random.seed(11)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    comp = compare(digits, likelihoods=["categorical"], settings=TINY, out=tmp_path, progress=None)
+    assert comp.table()["status"].item() == "ok"
+    assert torch.equal(before[0], torch.get_rng_state())
+    np.testing.assert_array_equal(before[1], np.random.get_state()[1])
+    assert before[2] == random.getstate()
 
 
 def test_bad_arguments(digits):

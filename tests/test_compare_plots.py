@@ -129,3 +129,54 @@ def test_group_with_mismatched_rows_is_an_error(cells, tmp_path):
 def test_cell_without_common_rows_is_annotated_not_fatal(cells, tmp_path):
     cells[0]["log_px"] = np.where(np.isfinite(cells[1]["log_px"]), np.nan, -80.0)  # finite only where best is NaN
     assert cp.log_px_differences(cells, tmp_path / "d.png").exists()
+
+
+def _no_pyplot(monkeypatch):
+    """Make every way a figure function could touch global matplotlib state fail; return the backend before."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a figure function touched pyplot or the backend")
+
+    backend = matplotlib.get_backend()
+    for owner, name in ((matplotlib, "use"), (plt, "switch_backend"), (plt, "figure"), (plt, "imsave")):
+        monkeypatch.setattr(owner, name, refuse)
+    return backend
+
+
+def _global_state_is_unchanged(backend):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    assert matplotlib.get_backend() == backend
+    assert plt.get_fignums() == []
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.__name__)
+def test_figures_leave_the_backend_and_pyplot_alone(cells, figure, tmp_path, monkeypatch):
+    backend = _no_pyplot(monkeypatch)
+    assert figure(cells, tmp_path / "f.png").exists()
+    _global_state_is_unchanged(backend)
+
+
+def test_diagnosis_figures_leave_the_backend_and_pyplot_alone(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ppvae.report import figures as plots
+
+    rng = np.random.default_rng(0)
+    reference = SimpleNamespace(index=np.array([3, 7]), draws=rng.normal(size=(2, 2, 50, 3)),
+                                guide_draws=rng.normal(size=(2, 40, 3)))  # fmt: skip
+    backend = _no_pyplot(monkeypatch)
+    written = [
+        plots.image_grid(torch.rand(5, 1, 8, 8), tmp_path / "grid.png"),
+        plots.image_grid(torch.rand(4, 3, 6, 6), tmp_path / "rgb.png"),
+        plots.khat_plot(np.array([0.1, 0.6, 0.9, np.nan, -np.inf]), 0.7, tmp_path / "khat.png"),
+        plots.kl_per_dim_plot(np.array([2.0, 0.001, 0.5]), tmp_path / "kl.png"),
+        plots.reference_plot(reference, tmp_path / "reference.png"),
+    ]
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    _global_state_is_unchanged(backend)

@@ -12,7 +12,7 @@ from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import importance_ess
 from ppvae.errors import ConfigError, NotApplicable
 
-from .test_evaluate import GEN, HALVED, X, exact_vae, lg_model, scaled_guide
+from .test_evaluate import GEN, HALVED, X, assert_same_rng_states, exact_vae, lg_model, rng_states, scaled_guide
 
 CHEAP = {"num_gap_points": 5, "gap_steps": 20, "sbc_simulations": 50, "num_reference_points": 1,
          "reference_warmup": 50, "reference_samples": 100}  # fmt: skip
@@ -300,3 +300,15 @@ def test_every_default_comes_from_the_configs():
     assert QUICK_DIAGNOSE == {k: quick[k] for k in QUICK_DIAGNOSE} and QUICK_DIAGNOSE["gap_steps"] == 150
     off = config.DiagnoseConfig(sbc=None, reference=None).diagnose_kwargs()
     assert off["sbc"] is False and off["reference"] is False and off["gaps"] is True
+
+
+def test_diagnose_leaves_the_callers_rng_state():
+    """Every part (evaluate, collapse, gaps, SBC, NUTS reference) seeds copies of the global RNGs, not them."""
+    vae = exact_vae()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    before = rng_states()
+    cheap = dict(CHEAP, num_gap_points=2, gap_steps=5, sbc_simulations=10, reference_warmup=10, reference_samples=10)
+    d = ppvae.diagnose(vae, X[:6], num_samples=30, **cheap)
+    assert d.collapse is not None and d.gaps is not None and d.sbc is not None and d.reference is not None
+    assert_same_rng_states(before, rng_states())

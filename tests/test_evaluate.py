@@ -128,6 +128,33 @@ def test_same_seed_same_numbers():
     np.testing.assert_array_equal(a.log_px, b.log_px)
 
 
+def rng_states() -> tuple:
+    """The global RNG states a library call could change: torch's, NumPy's and Python's."""
+    import random
+
+    numpy_state = np.random.get_state()
+    return torch.get_rng_state(), numpy_state[1].copy(), numpy_state[2:], random.getstate()
+
+
+def assert_same_rng_states(before: tuple, after: tuple) -> None:
+    assert torch.equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+def test_a_seed_leaves_the_callers_rng_state_and_gives_the_numbers_of_a_global_reseed():
+    """evaluate(seed=5) samples as after pyro.set_rng_seed(5), but on copies: the global RNGs are as they were."""
+    torch.manual_seed(123)
+    np.random.seed(123)
+    before = rng_states()
+    seeded = ppvae.evaluate(lg_model, X, guide=scaled_guide(HALVED), num_samples=20, seed=5)
+    assert_same_rng_states(before, rng_states())
+    pyro.set_rng_seed(5)
+    reseeded = ppvae.evaluate(lg_model, X, guide=scaled_guide(HALVED), num_samples=20, seed=None)
+    np.testing.assert_array_equal(seeded.log_px, reseeded.log_px)
+    np.testing.assert_array_equal(seeded.elbo, reseeded.elbo)
+
+
 def test_fast_path_of_a_vae_equals_its_pyro_pair():
     """evaluate(vae) skips tracing; the same VAE seen as a plain Pyro pair must give the same estimates."""
     torch.manual_seed(0)

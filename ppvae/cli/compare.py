@@ -78,7 +78,7 @@ def demo_command(args: argparse.Namespace) -> Comparison:
     settings = dataclasses.replace(DEMO_SETTINGS, epochs=args.epochs)
     print(f"demo: comparing 2 priors × 2 likelihoods × 2 guides on digits ({jobs} processes); report in {out}/")
     start = time.perf_counter()
-    result = compare(splits, **DEMO_GRID, seeds=[args.seed], settings=settings, out=out, jobs=jobs)
+    result = compare(splits, **DEMO_GRID, seeds=[args.seed], settings=settings, out=out, jobs=jobs, progress=print)
     _report(result, out, start)
     best = _best_cell(result)
     if best is not None:  # the winner is a run like ppvae train's: ppvae diagnose/sample/info OUT work on it
@@ -201,6 +201,7 @@ def compare_command(args: argparse.Namespace) -> Comparison:
         out=out,
         jobs=args.jobs,
         retry_failed=args.retry_failed,
+        progress=print,  # a line per finished cell on stdout (the library only logs them)
     )
     _report(result, out, start)
     return result

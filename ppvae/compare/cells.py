@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
 
 from ppvae._fs import write_atomic
 from ppvae._json import jsonable
+from ppvae._rng import fork_rngs
 from ppvae._version import __version__
 from ppvae.blocks.specs import default_likelihood, short_spec, with_levels
 from ppvae.data import DataSplits
@@ -228,20 +228,29 @@ def test_rows(n: int, max_points: int) -> np.ndarray:
 
 def build_vae(cell: Cell, settings: GridSettings, splits: DataSplits) -> VAE:
     likelihood = cell.likelihood or default_likelihood(splits)
-    pyro.set_rng_seed(cell.seed)  # the initial weights come from torch's global RNG
-    return VAE(
-        splits.data_shape,
-        settings.latent_dim,
-        prior=cell.prior,
-        likelihood=with_levels(likelihood, splits.levels),
-        guide=cell.guide,
-        encoder=settings.encoder,
-        decoder=settings.decoder,
-    )
+    # The initial weights come from torch's global RNG: seeded by the cell, on a copy (the caller's stays as it was).
+    with fork_rngs(cell.seed):
+        return VAE(
+            splits.data_shape,
+            settings.latent_dim,
+            prior=cell.prior,
+            likelihood=with_levels(likelihood, splits.levels),
+            guide=cell.guide,
+            encoder=settings.encoder,
+            decoder=settings.decoder,
+        )
 
 
 def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: Path) -> dict[str, Any]:
-    """Train, score and save one cell in ``directory``; a failure is recorded as the result, never raised."""
+    """Train, score and save one cell in ``directory``; a failure is recorded as the result, never raised.
+
+    fit and the scores seed the global RNGs themselves; they run on copies, so a caller's seeded state is as it was.
+    """
+    with fork_rngs():
+        return _run_cell(cell, settings, splits, directory)
+
+
+def _run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: Path) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict[str, Any] = {"label": cell.label(), "cell": jsonable(asdict(cell)), "status": "ok", "error": None}
@@ -333,10 +342,10 @@ def score(
         with torch.no_grad():
             arrays["z_mean"] = model.encode(x).mean.reshape(len(x), -1).double().numpy()
             if len(splits.data_shape) == 3:  # images (C, H, W): a few originals, reconstructions, samples
-                pyro.set_rng_seed(seed)
-                arrays["originals"] = x[:_IMAGES].numpy()
-                arrays["reconstructions"] = model.reconstruct(x[:_IMAGES]).numpy()
-                arrays["samples"] = model.generate(_IMAGES).numpy()
+                with fork_rngs(seed):
+                    arrays["originals"] = x[:_IMAGES].numpy()
+                    arrays["reconstructions"] = model.reconstruct(x[:_IMAGES]).numpy()
+                    arrays["samples"] = model.generate(_IMAGES).numpy()
     if splits.test_labels is not None:
         arrays["labels"] = splits.test_labels[torch.as_tensor(rows)].numpy()
     np.savez(directory / "arrays.npz", **arrays)

@@ -23,6 +23,7 @@ threads share the machine's cores.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -58,6 +59,10 @@ from ppvae.data import DataSplits
 from ppvae.errors import ConfigError, PPVAEError
 
 __all__ = ["Comparison", "COLUMNS", "combine", "compare", "Cell", "GridSettings"]
+
+# Progress lines go here unless the caller passes its own printer: a library prints nothing by itself, and a user
+# sees them with logging.basicConfig(level=logging.INFO) (the CLI passes print).
+_log = logging.getLogger("ppvae.compare")  # the package's logger: one name for users to configure
 
 
 @dataclass
@@ -155,7 +160,7 @@ def compare(
     out: str | Path | None = None,
     jobs: int = 1,
     retry_failed: bool = False,
-    progress: Callable[[str], None] | None = print,
+    progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Train and score every cell of priors × likelihoods × guides × objectives × seeds on ``data``.
 
@@ -176,7 +181,8 @@ def compare(
         jobs: cells trained in parallel, one process per cell; each gets ``cores // jobs`` torch threads (cores
             this process may use). A cell whose process dies is a failed row.
         retry_failed: rerun cells whose cached result is a failure (default: report the cached failure).
-        progress: called with one line per cell as it finishes (``None``: silent).
+        progress: called with one line per cell as it finishes (``print``, say). Default: each line is logged at
+            INFO level to the ``ppvae.compare`` logger, which says nothing unless logging is configured.
 
     Returns:
         :class:`Comparison`.
@@ -282,8 +288,11 @@ def _identity(cell: Cell) -> str:
 
 
 def _say(progress: Callable[[str], None] | None, result: dict, how: str) -> None:
+    """One line about a finished cell, to ``progress`` or, without one, to this module's logger."""
     if progress is None:
-        return
+        if not _log.isEnabledFor(logging.INFO):
+            return
+        progress = _log.info
     if result["status"] == "ok":
         ev = result["diagnosis"]["evaluation"]
         progress(f"{how}: {result['label']}: log p̂ {_fmt(ev.get('log_px'))} ± {_fmt(ev.get('log_px_se'))} nats")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import CollapseConfig
 from ppvae.errors import NotApplicable
 from ppvae.infer.pair import AmortizedEncoder
@@ -101,8 +102,8 @@ def posterior_collapse(
     x = torch.as_tensor(data)
     if len(x) > num_points:
         x = x[torch.randperm(len(x), generator=gen)[:num_points]]
-    torch.manual_seed(seed)
-    with local_module_params():
+    with local_module_params(), fork_rngs():  # the global RNGs are the caller's again afterwards
+        torch.manual_seed(seed)
         q, p = vae.encode(x), vae.prior()
         z = q.sample((num_samples,))  # (S, M, D)
         marg = _marginals(q)

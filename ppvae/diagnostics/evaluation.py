@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._rng import fork_rngs
 from ppvae._stats import mean_se
 from ppvae._validate import COUNT, check, check_seed
 from ppvae.data import as_tensor
@@ -299,28 +299,35 @@ def evaluate(
         )
     if keep_log_weights:
         _check_memory(_num_rows(data), num_samples, 1)
-    if seed is not None:
-        pyro.set_rng_seed(check_seed(seed))
     parts: dict[str, list[np.ndarray]] = {}
-    chunks = iter_log_weights(
-        model, data, guide=guide, num_samples=num_samples, batch_size=batch_size, data_plate=data_plate, device=device
-    )
-    # Chunks of one block of datapoints arrive together. Each is reduced in float64 as it comes and the chunks'
-    # sums and log-sum-exps are combined: no (B, S) float64 copy per block (its allocations, 10 MB at B = 256,
-    # S = 5000, slowly fragmented the heap over a full test set).
-    for _, group in itertools.groupby(chunks, key=lambda chunk: (chunk[0].start, chunk[0].stop)):
-        _, lws, log_liks, kls = zip(*group, strict=True)
-        out = {
-            "elbo": _mean_over_chunks(lws, num_samples),
-            "log_px": torch.stack([lw.double().logsumexp(1) for lw in lws], 1).logsumexp(1) - math.log(num_samples),
-        }
-        if log_liks[0] is not None:
-            out["reconstruction"] = _mean_over_chunks(log_liks, num_samples)
-            out["kl"] = _mean_over_chunks(kls, num_samples)
-        if keep_log_weights:
-            out["log_weights"] = torch.cat(lws, 1)
-        for key, value in out.items():
-            parts.setdefault(key, []).append(value.numpy())
+    # A seed gives the same numbers as reseeding the global RNGs did, on copies of them: the caller's stay as they
+    # were. Without one, sampling draws from (and advances) the caller's RNGs.
+    with fork_rngs(check_seed(seed)) if seed is not None else nullcontext():
+        chunks = iter_log_weights(
+            model,
+            data,
+            guide=guide,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            data_plate=data_plate,
+            device=device,
+        )
+        # Chunks of one block of datapoints arrive together. Each is reduced in float64 as it comes and the chunks'
+        # sums and log-sum-exps are combined: no (B, S) float64 copy per block (its allocations, 10 MB at B = 256,
+        # S = 5000, slowly fragmented the heap over a full test set).
+        for _, group in itertools.groupby(chunks, key=lambda chunk: (chunk[0].start, chunk[0].stop)):
+            _, lws, log_liks, kls = zip(*group, strict=True)
+            out = {
+                "elbo": _mean_over_chunks(lws, num_samples),
+                "log_px": torch.stack([lw.double().logsumexp(1) for lw in lws], 1).logsumexp(1) - math.log(num_samples),
+            }
+            if log_liks[0] is not None:
+                out["reconstruction"] = _mean_over_chunks(log_liks, num_samples)
+                out["kl"] = _mean_over_chunks(kls, num_samples)
+            if keep_log_weights:
+                out["log_weights"] = torch.cat(lws, 1)
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.numpy())
     joined = {key: np.concatenate(values) for key, values in parts.items()}
     owner = model if isinstance(model, torch.nn.Module) else None
     if discrete is None:

@@ -25,6 +25,7 @@ from scipy import stats
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
 from ppvae.errors import ConfigError
 from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
@@ -99,7 +100,8 @@ def sbc(
         guide: the guide function when ``model`` is a function.
         num_simulations: M simulated datasets of one datapoint each (≥ 10).
         num_draws: L guide draws per simulation; ranks lie in {0, …, L}.
-        seed: seeds Pyro/torch/NumPy RNGs (:func:`pyro.set_rng_seed`), so results are reproducible.
+        seed: seeds Pyro/torch/NumPy RNGs (:func:`pyro.set_rng_seed`) for this call only, so results are
+            reproducible and the caller's global RNG state is as it was.
         batch_size: simulations processed at once (vectorized).
 
     Returns:
@@ -117,13 +119,14 @@ def sbc(
     else:
         pair = as_pair(model, guide, what="sbc")
         simulate = _pair_simulator(pair.model, pair.guide)
-    pyro.set_rng_seed(seed)
     training = getattr(model, "training", None)
     if training:
         model.eval()
     chunks = []
     try:
-        with torch.no_grad(), local_module_params(), poutine.block():
+        # Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed) gave): the caller's stay as they
+        # were.
+        with torch.no_grad(), local_module_params(), poutine.block(), fork_rngs(seed):
             for start in range(0, num_simulations, batch_size):
                 m = min(batch_size, num_simulations - start)
                 z_true, draws = simulate(m, num_draws)  # (m, D), (L, m, D)

@@ -23,12 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ppvae._stats import paired_difference
 from ppvae.errors import DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "active_units_plot",
@@ -80,24 +83,22 @@ def _groups(usable: list[tuple[int, CellDict]]) -> dict[str, list[tuple[int, Cel
     return out
 
 
-def _subplots(nrows: int, ncols: int, width: float, height: float, height_ratios: Sequence[float] | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _subplots(
+    nrows: int, ncols: int, width: float, height: float, height_ratios: Sequence[float] | None = None
+) -> tuple[Figure, np.ndarray]:
+    """A figure and its (nrows, ncols) axes, built outside pyplot: no backend is switched (a notebook keeps its
+    own) and no figure is left open in pyplot's list."""
+    from matplotlib.figure import Figure
 
     # Constrained layout makes room for long tick labels and for legends placed outside the axes.
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(width, height), dpi=110, squeeze=False, layout="constrained", height_ratios=height_ratios
-    )
-    return plt, fig, axes
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, height_ratios=height_ratios)
 
 
-def _write(plt, fig, path: str | Path) -> Path:
+def _write(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path)  # Figure picks the Agg canvas for a PNG itself
     return path
 
 
@@ -116,7 +117,7 @@ def learning_curves(cells: Sequence[CellDict], path: str | Path) -> Path:
         raise DataError("learning_curves: every ok cell has an empty history; skip it")
     groups = _groups(usable)
     heights = [max(2.8, 0.9 + 0.2 * len(g)) for g in groups.values()]
-    plt, fig, axes = _subplots(len(groups), 1, 10.0, sum(heights), heights)
+    fig, axes = _subplots(len(groups), 1, 10.0, sum(heights), heights)
     for ax, (group, members) in zip(axes[:, 0], groups.items(), strict=True):
         values = []
         for i, c in members:
@@ -142,7 +143,7 @@ def learning_curves(cells: Sequence[CellDict], path: str | Path) -> Path:
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _write(plt, fig, path)
+    return _write(fig, path)
 
 
 def log_px_differences(cells: Sequence[CellDict], path: str | Path) -> Path:
@@ -158,7 +159,7 @@ def log_px_differences(cells: Sequence[CellDict], path: str | Path) -> Path:
         raise DataError("log_px_differences: no ok cell has a finite log_px; skip it")
     groups = _groups(usable)
     heights = [max(1.8, 0.9 + 0.32 * len(g)) for g in groups.values()]
-    plt, fig, axes = _subplots(len(groups), 1, 9.0, sum(heights), heights)
+    fig, axes = _subplots(len(groups), 1, 9.0, sum(heights), heights)
     for ax, (group, members) in zip(axes[:, 0], groups.items(), strict=True):
         lp = [np.asarray(c["log_px"], dtype=float).ravel() for _, c in members]
         if len({len(x) for x in lp}) > 1:
@@ -186,7 +187,7 @@ def log_px_differences(cells: Sequence[CellDict], path: str | Path) -> Path:
         ax.set_ylim(len(order) - 0.5, -0.7)  # best on top
         ax.set(xlabel="Δ log p̂ per datapoint (nats), ±2 paired se", title=f"group {group} (N = {len(lp[0])} rows)")
         ax.grid(axis="x", alpha=0.3)
-    return _write(plt, fig, path)
+    return _write(fig, path)
 
 
 def khat_distributions(cells: Sequence[CellDict], path: str | Path) -> Path:
@@ -200,7 +201,7 @@ def khat_distributions(cells: Sequence[CellDict], path: str | Path) -> Path:
     if not usable:
         raise DataError("khat_distributions: every ok cell has an empty khat; skip it")
     n = len(usable)
-    plt, fig, axes = _subplots(1, 1, 9.0, max(2.6, 1.0 + 0.35 * n))
+    fig, axes = _subplots(1, 1, 9.0, max(2.6, 1.0 + 0.35 * n))
     ax = axes[0, 0]
     ks = [np.asarray(c["khat"], dtype=float).ravel() for _, c in usable]
     finite = [k[np.isfinite(k)] for k in ks]
@@ -230,7 +231,7 @@ def khat_distributions(cells: Sequence[CellDict], path: str | Path) -> Path:
     ax.set(xlabel="PSIS k̂ per datapoint", title="Pareto k̂ of the importance weights (finite values)")
     fig.legend(fontsize=7, loc="outside lower center", ncol=3, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    return _write(plt, fig, path)
+    return _write(fig, path)
 
 
 def active_units_plot(cells: Sequence[CellDict], path: str | Path) -> Path:
@@ -240,7 +241,7 @@ def active_units_plot(cells: Sequence[CellDict], path: str | Path) -> Path:
     """
     usable = _usable(cells, ["active_units", "latent_dim"], "active_units_plot")
     n = len(usable)
-    plt, fig, axes = _subplots(1, 1, 8.0, max(2.2, 0.9 + 0.32 * n))
+    fig, axes = _subplots(1, 1, 8.0, max(2.2, 0.9 + 0.32 * n))
     ax = axes[0, 0]
     for y, (i, c) in enumerate(usable):
         au, d = int(c["active_units"]), int(c["latent_dim"])
@@ -252,7 +253,7 @@ def active_units_plot(cells: Sequence[CellDict], path: str | Path) -> Path:
     ax.set_xlim(0, 1.08 * max(int(c["latent_dim"]) for _, c in usable))
     ax.set(xlabel="active units (of latent_dim)", title="Active latent units")
     ax.grid(axis="x", alpha=0.3)
-    return _write(plt, fig, path)
+    return _write(fig, path)
 
 
 def _project(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, str]]:
@@ -278,7 +279,7 @@ def latent_projections(cells: Sequence[CellDict], path: str | Path) -> Path:
     usable = _usable(cells, ["z_mean"], "latent_projections")
     ncol = min(4, len(usable))
     nrow = math.ceil(len(usable) / ncol)
-    plt, fig, axes = _subplots(nrow, ncol, 3.0 * ncol + 1.2, 2.9 * nrow)
+    fig, axes = _subplots(nrow, ncol, 3.0 * ncol + 1.2, 2.9 * nrow)
     given = [np.asarray(c["labels"]).ravel() for _, c in usable if c.get("labels") is not None]
     classes = np.unique(np.concatenate(given)) if given else np.zeros(0)
     if len(classes) <= 20:
@@ -314,7 +315,7 @@ def latent_projections(cells: Sequence[CellDict], path: str | Path) -> Path:
         handles = [Line2D([], [], ls="", marker="o", color=cmap(k), label=str(v)) for k, v in enumerate(classes)]
         fig.legend(handles=handles, title="label", loc="outside right upper", fontsize=7, title_fontsize=8)
     fig.suptitle("Encoder means z_mean, first two principal components", fontsize=10)
-    return _write(plt, fig, path)
+    return _write(fig, path)
 
 
 def _strip(images: list[np.ndarray | None], n: int) -> tuple[np.ndarray, list[float]]:
@@ -352,7 +353,7 @@ def reconstructions_and_samples(cells: Sequence[CellDict], path: str | Path, *, 
     strips = [_strip([None if c.get(k) is None else np.asarray(c[k]) for k in keys], n_images) for _, c in usable]
     width = 11.0
     heights = [0.12 + 8.8 * s.shape[0] / s.shape[1] for s, _ in strips]
-    plt, fig, axes = _subplots(len(usable), 1, width, 0.35 + sum(heights), height_ratios=heights)
+    fig, axes = _subplots(len(usable), 1, width, 0.35 + sum(heights), height_ratios=heights)
     for r, (ax, (_, c), (img, centres)) in enumerate(zip(axes[:, 0], usable, strips, strict=True)):
         if img.shape[-1] == 1:
             ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -366,4 +367,4 @@ def reconstructions_and_samples(cells: Sequence[CellDict], path: str | Path, *, 
         if r == 0:
             for x, name in zip(centres, keys, strict=True):
                 ax.text(x, -1, name, ha="center", va="bottom", fontsize=9)
-    return _write(plt, fig, path)
+    return _write(fig, path)
