@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -285,3 +286,24 @@ def test_same_seed_trains_the_same_weights(tmp_path):
         assert main([*args, str(tmp_path / name)]) == 0
     a, b = (io.read(tmp_path / name / "model.pt")["state_dict"] for name in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--priors", "normal", "vampp"], re.escape("unknown prior 'vampp'; choose one of: ")),
+        (["--guides", "normal", "lowrank:rnk=2"], re.escape("guide 'lowrank' has no option(s) ['rnk']")),
+        (["--likelihoods", "categorical:levels=0"], "levels"),
+    ],
+)
+def test_compare_refuses_a_bad_grid_before_training_anything(tmp_path, capsys, monkeypatch, extra, match):
+    from ppvae.compare import cells as compare_cells
+
+    monkeypatch.setattr(compare_cells, "fit", lambda *a, **k: pytest.fail("trained a cell of a bad grid"))
+    out = tmp_path / "c"
+    assert main(["compare", *extra, "--epochs", "1", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ppvae compare: error: ") and "Traceback" not in err
+    assert re.search(match, err)
+    assert captured.out == "" and not out.exists()  # nothing said about a run, no run directory

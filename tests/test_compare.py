@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import ppvae
 from ppvae.compare import cells as compare_cells
@@ -150,8 +151,6 @@ def test_a_grid_leaves_the_callers_rng_state(digits, tmp_path):
     """Cells seed their training and scores on copies of the global RNGs: the caller's state is as it was."""
     import random
 
-    import torch
-
     torch.manual_seed(11)
     np.random.seed(11)
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
@@ -182,8 +181,9 @@ def test_continuous_likelihood_ranks_with_masses_and_jobs_change_nothing(digits,
     pd.testing.assert_frame_equal(serial[cols], parallel[cols])
 
 
-class _KillsItsWorker:
-    """A prior spec whose unpickling ends the process: the worker dies as in an out-of-memory kill."""
+class _KillsItsWorker(torch.nn.Module):
+    """A prior (a module, as a user may give one) whose unpickling ends the process: the worker dies as in an
+    out-of-memory kill."""
 
     def __deepcopy__(self, memo):
         return self
@@ -208,6 +208,36 @@ def test_labels_stay_unique_and_ranks_follow_the_numbers(digits, grid, tmp_path)
     assert sorted(df["cell"]) == ["normal · categorical · normal", "normal · categorical · normal #2"]
     best = df[df["rank"] == 1]
     assert best["log_px"].item() == df["log_px"].max() and best["cell"].item() == "normal · categorical · normal"
+
+
+@pytest.mark.parametrize(
+    "grid,settings,match",
+    [
+        (dict(priors=["normal", "vampp"]), {}, r"unknown prior 'vampp'; choose one of: .*\bvamp\b"),
+        (dict(likelihoods=["categorical", "categorial"]), {}, "unknown likelihood 'categorial'"),
+        (dict(guides=["normal", "ful-rank"]), {}, "unknown guide 'ful-rank'"),
+        (dict(priors=[{"name": "mixture", "kwargs": {"componets": 3}}]), {}, r"no option\(s\) \['componets'\]"),
+        (dict(priors=[{"name": "mixture", "kwargs": {"components": 0}}]), {}, "components must be a positive"),
+        (dict(guides=["normal", {"name": "lowrank", "kwargs": {"rank": -1}}]), {}, "rank must be a positive"),
+        (dict(objectives=["elbo", "iwea"]), {}, "unknown objective 'iwea'; choose one of: elbo"),
+        (dict(objectives=["iwae"]), {}, "num_particles ≥ 2"),
+        (dict(seeds=[0, -1]), {}, "each of seeds must be a whole number"),
+        (dict(priors="normal"), {}, "priors must be a list"),
+        ({}, dict(epochs=0), "GridSettings.epochs must be a whole number ≥ 1"),
+        ({}, dict(lr=float("nan")), "GridSettings.lr"),
+        ({}, dict(encoder={"name": "mlp", "kwargs": {"hiden": [8]}}), r"no option\(s\) \['hiden'\]"),
+        ({}, dict(decoder="mlpp"), "unknown network 'mlpp-decoder'|unknown network 'mlpp'"),
+        ({}, dict(diagnose={"sbc_simulations": 3}), r"diagnose\['sbc_simulations'\] must be a whole number ≥ 10"),
+    ],
+)
+def test_a_bad_grid_is_refused_before_any_cell_trains(digits, tmp_path, monkeypatch, grid, settings, match):
+    """Every name, block spec (with its options) and setting is checked first: nothing trains, no directory."""
+    monkeypatch.setattr(compare_cells, "fit", lambda *a, **k: pytest.fail("trained a cell of a bad grid"))
+    monkeypatch.setattr("ppvae.compare.grid.run_cell", lambda *a, **k: pytest.fail("ran a cell of a bad grid"))
+    grid = {"likelihoods": ["categorical"], **grid}
+    with pytest.raises(ppvae.ConfigError, match=match):
+        compare(digits, **grid, settings=dataclasses.replace(TINY, **settings), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_default_likelihood_is_named_so_it_is_not_a_second_cell(digits):

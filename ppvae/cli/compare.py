@@ -19,7 +19,7 @@ from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
 from ppvae.cli.args import count_arg, seed_arg
-from ppvae.compare.grid import Comparison, GridSettings, compare
+from ppvae.compare.grid import Comparison, GridSettings, check_grid, compare
 from ppvae.diagnostics.config import DiagnoseConfig
 from ppvae.errors import ConfigError
 from ppvae.infer.objectives import OBJECTIVES
@@ -186,17 +186,21 @@ def compare_command(args: argparse.Namespace) -> Comparison:
         max_test_points=args.max_test_points,
         diagnose={} if args.full_diagnostics else dict(QUICK_DIAGNOSE),
     )
+    axes = {
+        "priors": [parse_block(p) for p in args.priors],
+        "likelihoods": [None if lk == "default" else parse_block(lk) for lk in args.likelihoods],
+        "guides": [parse_block(g) for g in args.guides],
+        "objectives": args.objectives,
+        "seeds": args.seeds,
+    }
+    check_grid(splits, **axes, settings=settings)  # a typo is one line of error, before anything is made
     grid = [len(args.priors), len(args.likelihoods), len(args.guides), len(args.objectives), len(args.seeds)]
     n = grid[0] * grid[1] * grid[2] * grid[3] * grid[4]
     print(f"comparing {n} cells ({' × '.join(map(str, grid))}) on {splits.name}; cache and report in {out}/")
     start = time.perf_counter()
     result = compare(
         splits,
-        priors=[parse_block(p) for p in args.priors],
-        likelihoods=[None if lk == "default" else parse_block(lk) for lk in args.likelihoods],
-        guides=[parse_block(g) for g in args.guides],
-        objectives=args.objectives,
-        seeds=args.seeds,
+        **axes,
         settings=settings,
         out=out,
         jobs=args.jobs,

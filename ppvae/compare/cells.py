@@ -26,6 +26,7 @@ import shutil
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,11 @@ from ppvae._fs import write_atomic
 from ppvae._json import jsonable
 from ppvae._rng import fork_rngs
 from ppvae._version import __version__
-from ppvae.blocks.specs import default_likelihood, short_spec, with_levels
+from ppvae.blocks.specs import block_name, default_likelihood, short_spec, with_levels
 from ppvae.data import DataSplits
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import diagnose
+from ppvae.errors import ConfigError
 from ppvae.infer.train import fit
 from ppvae.io import load, read, save
 from ppvae.vae import VAE
@@ -49,6 +51,7 @@ __all__ = [
     "Cell",
     "GridSettings",
     "cell_key",
+    "check_blocks",
     "data_fingerprint",
     "train_key",
     "TRAINING_SETTINGS",
@@ -239,6 +242,75 @@ def build_vae(cell: Cell, settings: GridSettings, splits: DataSplits) -> VAE:
             encoder=settings.encoder,
             decoder=settings.decoder,
         )
+
+
+def check_blocks(cells: Sequence[Cell], settings: GridSettings, splits: DataSplits) -> None:
+    """Build every distinct block of the grid once on the data's shape, as :func:`build_vae` would, and raise
+    :class:`ConfigError` for the first that cannot be built: an unknown name (the message lists the registry's
+    names), an option its class does not take, or a value its constructor refuses.
+
+    Blocks are built alone (the encoder and decoder once, with the first likelihood's outputs), not as whole VAEs:
+    a grid costs one set of networks to check, whatever its size. Modules given as blocks are the user's own and
+    are not touched. Runs on copies of the global RNGs, without gradients.
+    """
+    from ppvae.blocks.guides import GUIDES
+    from ppvae.blocks.likelihoods import LIKELIHOODS
+    from ppvae.blocks.nets import build_decoder, build_encoder
+    from ppvae.blocks.priors import PRIORS
+
+    shape, latent_dim = splits.data_shape, settings.latent_dim
+
+    def likelihood(spec: Any) -> Any:
+        return LIKELIHOODS.build(with_levels(spec, splits.levels), data_shape=shape)
+
+    with fork_rngs(), torch.no_grad():
+        encoder = _build_once("encoder", settings.encoder, lambda spec: build_encoder(spec, shape))
+        built = [
+            _build_once("likelihood", lk, likelihood)
+            for lk in _distinct(c.likelihood or default_likelihood(splits) for c in cells)
+        ]
+        num_params = next((lk.num_params for lk in built if isinstance(getattr(lk, "num_params", None), int)), 1)
+        _build_once("decoder", settings.decoder, lambda spec: build_decoder(spec, latent_dim, (num_params, *shape)))
+        for guide in _distinct(c.guide for c in cells):
+            _build_once(
+                "guide", guide, lambda spec: GUIDES.build(spec, in_features=encoder.out_features, latent_dim=latent_dim)
+            )
+        for prior in _distinct(c.prior for c in cells):
+            _build_once("prior", prior, lambda spec: PRIORS.build(spec, latent_dim=latent_dim, data_shape=shape))
+
+
+def _distinct(specs: Iterable[Any]) -> list[Any]:
+    """Each spec once, in order (specs are dicts: unhashable, compared by their JSON)."""
+    seen: dict[str, Any] = {}
+    for spec in specs:
+        seen.setdefault(json.dumps(jsonable(spec), sort_keys=True, default=_key_part), spec)
+    return list(seen.values())
+
+
+def _build_once(kind: str, spec: Any, build: Callable[[Any], Any]) -> Any:
+    """``build(spec)``; a failure as a one-line :class:`ConfigError` that names the block."""
+    try:
+        return build(spec)
+    except Exception as err:  # noqa: BLE001 - a constructor refusing a value: the grid is wrong, not ppvae
+        try:
+            label = short_spec(spec)
+        except Exception:  # noqa: BLE001 - a malformed spec (kwargs not a dict): show it as it was given
+            label = repr(spec)
+        first = (str(err).splitlines() or [""])[0][:300]
+        if isinstance(err, ConfigError):
+            name = _block_name_or_none(spec)
+            if name and name in first:  # the registry's message names the value and the valid choices
+                raise
+            raise ConfigError(f"the grid's {kind} {label}: {first}") from None  # "levels must be …": say whose
+        raise ConfigError(f"cannot build the grid's {kind} {label}: {type(err).__name__}: {first}") from None
+
+
+def _block_name_or_none(spec: Any) -> str | None:
+    """A spec's registry name, or None for a malformed one."""
+    try:
+        return block_name(spec)
+    except Exception:  # noqa: BLE001 - a dict without a name
+        return None
 
 
 def run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory: Path) -> dict[str, Any]:

@@ -40,12 +40,14 @@ from typing import Any
 import torch
 
 from ppvae._fs import locked_dir
+from ppvae._validate import check_seed
 from ppvae.blocks.specs import default_likelihood, short_spec
 from ppvae.compare.cells import (
     Cell,
     GridSettings,
     adopt_trained,
     cell_key,
+    check_blocks,
     data_fingerprint,
     load_cell,
     run_cell,
@@ -58,7 +60,7 @@ from ppvae.compare.table import COLUMNS, build_table, verdict
 from ppvae.data import DataSplits
 from ppvae.errors import ConfigError, PPVAEError
 
-__all__ = ["Comparison", "COLUMNS", "combine", "compare", "Cell", "GridSettings"]
+__all__ = ["Comparison", "COLUMNS", "check_grid", "combine", "compare", "Cell", "GridSettings"]
 
 # Progress lines go here unless the caller passes its own printer: a library prints nothing by itself, and a user
 # sees them with logging.basicConfig(level=logging.INFO) (the CLI passes print).
@@ -188,20 +190,13 @@ def compare(
         :class:`Comparison`.
     """
     settings = settings or GridSettings()
-    # None is the data's default likelihood: named here, so it is one cell with the explicit name, not two.
-    likelihoods = [default_likelihood(data) if lk is None else lk for lk in likelihoods]
-    cells = [
-        Cell(p, lk, g, o, s) for p, lk, g, o, s in itertools.product(priors, likelihoods, guides, objectives, seeds)
-    ]
-    if not cells and not models:
-        raise ConfigError("compare needs at least one grid cell or one fitted model")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be an integer ≥ 1, got {jobs!r}")
-    if data.test is None or len(data.test) == 0:
-        raise ConfigError(f"dataset {data.name!r} has no test split to score the cells on")
-    if len({_identity(c) for c in cells}) != len(cells):
-        raise ConfigError("the grid repeats a cell: give each axis distinct values")
-    _check_diagnose_options(settings.diagnose)
+    # Everything is checked before the cache directory is made or a cell starts: a typo costs no training.
+    cells = check_grid(
+        data, priors=priors, likelihoods=likelihoods, guides=guides, objectives=objectives, seeds=seeds,
+        models=models, settings=settings,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() if out is None else locked_dir(Path(out)) as root:
         root = Path(root)
         fingerprint = data_fingerprint(data)
@@ -237,6 +232,92 @@ def compare(
         result["label"] = cell.label(objective=varying["objective"], seed=varying["seed"])
     _unique_labels(ordered)
     return Comparison(ordered, settings, data.name, directory=None if out is None else Path(out))
+
+
+def check_grid(
+    data: DataSplits,
+    *,
+    priors: Sequence[str | dict] = ("normal",),
+    likelihoods: Sequence[str | dict | None] = (None,),
+    guides: Sequence[str | dict] = ("normal",),
+    objectives: Sequence[str] = ("elbo",),
+    seeds: Sequence[int] = (0,),
+    models: dict[str, Any] | None = None,
+    settings: GridSettings | None = None,
+) -> list[Cell]:
+    """The cells of a grid (arguments as for :func:`compare`), once every name, block spec and setting is checked.
+
+    Raises :class:`ConfigError` naming the first bad value and what it may be: an axis given as one string, an
+    unknown block, objective or option (with the registry's names), a value a block's constructor refuses (each
+    distinct block is built once on the data's shape, cheaply: :func:`ppvae.compare_cells.check_blocks`), a seed
+    outside NumPy's range, a setting fit or diagnose would refuse, a repeated cell. Nothing is trained or written:
+    :func:`compare` calls it first, and ``ppvae compare`` before it prints anything.
+    """
+    settings = settings or GridSettings()
+    if not isinstance(settings, GridSettings):
+        raise ConfigError(f"settings must be a GridSettings, got {type(settings).__name__}")
+    axes = {"priors": priors, "likelihoods": likelihoods, "guides": guides, "objectives": objectives, "seeds": seeds}
+    for name, axis in axes.items():
+        if isinstance(axis, (str, dict)) or not isinstance(axis, Iterable):
+            raise ConfigError(f"{name} must be a list of values (one per grid row), got {axis!r}; write [{axis!r}]")
+    if models is not None and not (isinstance(models, dict) and all(isinstance(k, str) for k in models)):
+        raise ConfigError(f"models must be a dict of name → fitted model, got {type(models).__name__}")
+    if data.test is None or len(data.test) == 0:
+        raise ConfigError(f"dataset {data.name!r} has no test split to score the cells on")
+    _check_settings(settings, data)
+    from ppvae.infer.objectives import make_objective
+
+    for objective in objectives:
+        make_objective(objective, settings.num_particles)  # an unknown name, or iwae with one particle
+    seeds = [check_seed(s, "each of seeds") for s in seeds]
+    # None is the data's default likelihood: named here, so it is one cell with the explicit name, not two.
+    likelihoods = [default_likelihood(data) if lk is None else lk for lk in likelihoods]
+    cells = [
+        Cell(p, lk, g, o, s) for p, lk, g, o, s in itertools.product(priors, likelihoods, guides, objectives, seeds)
+    ]
+    if not cells and not models:
+        raise ConfigError("compare needs at least one grid cell or one fitted model")
+    if len({_identity(c) for c in cells}) != len(cells):
+        raise ConfigError("the grid repeats a cell: give each axis distinct values")
+    if cells:
+        check_blocks(cells, settings, data)
+    return cells
+
+
+# GridSettings.diagnose options with a number: the smallest value diagnose's parts take (as they check it).
+_DIAGNOSE_MINIMA = {
+    "num_gap_points": 1,
+    "gap_steps": 1,
+    "sbc_simulations": 10,
+    "num_reference_points": 1,
+    "reference_warmup": 0,
+    "reference_samples": 2,
+}
+
+
+def _check_settings(settings: GridSettings, data: DataSplits) -> None:
+    """Refuse a GridSettings value that fit, evaluate or diagnose would refuse in every cell, before any trains."""
+    whole = {"latent_dim": 1, "epochs": 1, "batch_size": 1, "num_particles": 1, "num_samples": 2, "max_test_points": 1}
+    if settings.patience is not None:
+        whole["patience"] = 1
+    for name, low in whole.items():
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"GridSettings.{name} must be a whole number ≥ {low}, got {value!r}")
+    lr = settings.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"GridSettings.lr must be a positive number, got {lr!r}")
+    if settings.patience is not None and data.val is None:
+        raise ConfigError(f"GridSettings.patience needs a validation split; dataset {data.name!r} has none")
+    if not isinstance(settings.diagnose, dict):
+        raise ConfigError(f"GridSettings.diagnose must be a dict of diagnose options, got {settings.diagnose!r}")
+    _check_diagnose_options(settings.diagnose)
+    for name, value in settings.diagnose.items():
+        if name in ("collapse", "gaps", "sbc", "reference") and not isinstance(value, bool):
+            raise ConfigError(f"GridSettings.diagnose[{name!r}] must be True or False, got {value!r}")
+        low = _DIAGNOSE_MINIMA.get(name)
+        if low is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"GridSettings.diagnose[{name!r}] must be a whole number ≥ {low}, got {value!r}")
 
 
 def _unique_labels(cells: list[dict]) -> None:
