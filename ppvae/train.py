@@ -41,7 +41,7 @@ from .errors import (
     is_out_of_memory,
 )
 from .nonfinite import blame_sites, describe_fault
-from .objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
+from .objectives import BatchLoss, PairLoss, VAELoss, has_fast_elbo, make_objective
 from .params import collect_params, local_module_params
 
 __all__ = ["fit", "FitResult", "resolve_pair", "ON_NONFINITE"]
@@ -260,23 +260,13 @@ def fit(
         start_epoch = _resume(ckpt_dir, params, optimizer, result, owner) if resume and ckpt_dir is not None else 0
         steps_per_epoch = len(train)
         warmup_steps = kl_warmup * steps_per_epoch
-        beta_now = [float(beta)]
+        beta_now = float(beta)
+        step_loss: BatchLoss
+        val_loss: BatchLoss
         if fast:  # a ppvae.VAE: Trace_ELBO's estimator without tracing (see objectives.vae_elbo_loss)
-
-            def step_loss(x: torch.Tensor) -> torch.Tensor:
-                return vae_elbo_loss(owner, x, beta_now[0], num_particles)
-
-            def val_loss(x: torch.Tensor) -> torch.Tensor:
-                return vae_elbo_loss(owner, x)
+            step_loss, val_loss = VAELoss(owner, num_particles), VAELoss(owner)
         else:
-            scaled_model = scale_latents(model_fn, beta_now)
-            scaled_guide = scale_latents(guide_fn, beta_now)
-
-            def step_loss(*batch: torch.Tensor) -> torch.Tensor:
-                return loss_fn(scaled_model, scaled_guide, *batch)
-
-            def val_loss(*batch: torch.Tensor) -> torch.Tensor:
-                return val_loss_fn(model_fn, guide_fn, *batch)
+            step_loss, val_loss = PairLoss(model_fn, guide_fn, loss_fn), PairLoss(model_fn, guide_fn, val_loss_fn)
 
         bad_epochs = len(result.history) - (result.best_epoch or 0)
         checked_grads = start_epoch > 0
@@ -290,12 +280,12 @@ def fit(
                 bar = _progress(progress, steps_per_epoch, epoch, epochs)
                 for step, batch in enumerate(train):
                     global_step = epoch * steps_per_epoch + step
-                    beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
+                    beta_now = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
                     n = train.batch_len(batch)
                     optimizer.zero_grad(set_to_none=True)
                     invalid = None
                     try:
-                        loss = step_loss(*batch) / n
+                        loss = step_loss(batch, beta_now) / n
                         loss.backward()
                     except ValueError as err:  # Pyro/torch validation: a distribution got NaN/Inf or bad values
                         if isinstance(err, PPVAEError) or "invalid values" not in str(err):
@@ -365,7 +355,7 @@ def fit(
                     "epoch": epoch + 1,
                     "train_loss": total.item() / count,
                     "val_elbo": _mean_elbo(val_loss, val) if val is not None else None,
-                    "beta": beta_now[0],
+                    "beta": beta_now,
                     "seconds": seconds,
                     "examples_per_s": count / seconds,
                     "skipped_batches": skipped,
@@ -463,7 +453,7 @@ def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
 
 
 @torch.no_grad()
-def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
+def _mean_elbo(loss_fn: BatchLoss, batches: Batches) -> float:
     """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint.
 
     Without gradients (a score, not a step). Out of memory: in-memory data are scored again in batches half as
@@ -474,7 +464,7 @@ def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
             total, count = 0.0, 0
             with torch.no_grad():
                 for batch in batches:
-                    total -= loss_fn(*batch).item()
+                    total -= loss_fn(batch, 1.0).item()
                     count += batches.batch_len(batch)
             return total / count
         except (RuntimeError, MemoryError) as err:

@@ -133,7 +133,7 @@ def test_two_models_in_one_process_stay_independent():
 def test_beta_scales_latent_sites_in_model_and_guide():
     vae = linear_vae(guide="normal")
     x = torch.randn(5, 8)
-    beta = [0.3]
+    beta = 0.3
     pyro.set_rng_seed(7)
     with ScaleLatents(beta):
         guide_tr = poutine.trace(vae.guide).get_trace(x)
