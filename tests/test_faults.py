@@ -406,6 +406,13 @@ def test_skip_policy_counts_skipped_batches_and_trains_on(tmp_path):
         ppvae.fit(Pair(), x, on_nonfinite="ignore", progress=False)
 
 
+def test_skip_warning_points_at_the_line_that_called_fit():
+    pyro.set_rng_seed(5)
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 4") as record:
+        ppvae.fit(Pair(), _loader(_data(bad_row=40)), epochs=1, progress=False, on_nonfinite="skip")
+    assert [w.filename for w in record if "skipped" in str(w.message)] == [__file__]
+
+
 def test_nonfinite_gradient_with_finite_loss_is_caught():
     class SqrtPair(Pair):
         def model(self, x):  # sqrt at 0: a finite loss, an infinite gradient

@@ -21,7 +21,7 @@ CASES = (
 
 
 def _pyro_loss(vae, x, beta, particles):
-    factor = [beta]
+    factor = beta
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
     return elbo.differentiable_loss(scale_latents(vae.model, factor), scale_latents(vae.guide, factor), x)
 
@@ -66,6 +66,6 @@ def test_fast_path_only_for_unmodified_vae():
 def test_scale_latents_leaves_observed_sites():
     vae = ppvae.VAE(SHAPE, 2, likelihood="bernoulli")
     x = _data_for("bernoulli", n=3)
-    with ScaleLatents([0.0]):
+    with ScaleLatents(0.0):
         tr = pyro.poutine.trace(vae.model).get_trace(x)
     assert tr.nodes["z"]["scale"] == 0.0 and tr.nodes["x"]["scale"] == 1.0

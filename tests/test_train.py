@@ -1,6 +1,8 @@
 """fit: exact answers on the linear-Gaussian model, hand-written pairs, guards, β, resume, bad input."""
 
+import io as io_module
 import math
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -10,9 +12,14 @@ from pyro import poutine
 from torch import nn
 
 import ppvae
+import ppvae.infer.train
 from ppvae.data import LinearGaussian
-from ppvae.errors import ConfigError, DataError, TrainingError
-from ppvae.infer.objectives import ScaleLatents
+from ppvae.data.batches import make_batches
+from ppvae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from ppvae.infer.callbacks import Callback
+from ppvae.infer.objectives import ScaleLatents, VAELoss
+from ppvae.infer.train import BetaSchedule, Trainer
+from ppvae.infer.trainer_state import TrainState
 
 LINEAR = {"name": "mlp", "kwargs": {"hidden": []}}
 
@@ -133,7 +140,7 @@ def test_two_models_in_one_process_stay_independent():
 def test_beta_scales_latent_sites_in_model_and_guide():
     vae = linear_vae(guide="normal")
     x = torch.randn(5, 8)
-    beta = [0.3]
+    beta = 0.3
     pyro.set_rng_seed(7)
     with ScaleLatents(beta):
         guide_tr = poutine.trace(vae.guide).get_trace(x)
@@ -267,3 +274,184 @@ def test_data_outside_likelihood_support():
     vae = ppvae.VAE((8,), 2, likelihood="poisson")
     with pytest.raises(DataError, match="-1"):
         ppvae.fit(vae, -torch.ones(10, 8), epochs=1, batch_size=5, progress=False)
+
+
+# --- the trainer under fit: state, callbacks, β per step, progress ----------------------------------------------
+
+
+def _trainer(vae, x, loss=None, batch_size=25, **kwargs):
+    """A Trainer on ``vae``'s own parameters, as fit builds one (without fit's checks and callbacks)."""
+    params = list(vae.named_parameters())
+    state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=1e-2))
+    batches = make_batches(x, batch_size, torch.device("cpu"), shuffle=True, what="data")
+    return Trainer(
+        state,
+        batches,
+        loss or VAELoss(vae),
+        pair=(vae.model, vae.guide),
+        device=torch.device("cpu"),
+        **{"epochs": 2, **kwargs},
+    )
+
+
+def test_train_state_dict_round_trip():
+    vae = linear_vae()
+    val = make_batches(torch.randn(20, 8), 20, torch.device("cpu"), shuffle=False, what="val")
+    trainer = _trainer(vae, torch.randn(100, 8), val=val)
+    state = trainer.fit()
+    saved = state.state_dict()
+    assert saved["history"] == state.history and saved["best_epoch"] == state.best_epoch is not None
+    trainer.epochs = 4
+    trainer.fit()  # moves everything on: parameters, Adam's moments, history
+    assert state.epoch == 4
+    assert any(not torch.equal(p, saved["params"][name]) for name, p in vae.named_parameters())
+    state.load_state_dict(saved)
+    assert state.epoch == 2 and state.history == saved["history"] and state.best_epoch == saved["best_epoch"]
+    assert state.best_score == saved["best_score"] and state.stopped_early is False
+    for name, p in vae.named_parameters():
+        assert torch.equal(p, saved["params"][name]), name
+        assert torch.equal(state.best_params[name], saved["best_params"][name]), name
+    restored = state.optimizer.state_dict()
+    assert restored["state"].keys() == saved["optimizer"]["state"].keys()
+    for k, s in restored["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s[key], saved["optimizer"]["state"][k][key]), (k, key)
+    # The dict is a copy: training on does not change it; parameters of another model are refused.
+    trainer.fit()
+    assert len(saved["history"]) == 2
+    other = TrainState(list(nn.Linear(2, 2).named_parameters()), state.optimizer)
+    with pytest.raises(CheckpointError, match="different parameters"):
+        other.load_state_dict(saved)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_fit_start(self, trainer):
+        self.calls.append("fit_start")
+
+    def on_epoch_start(self, trainer):
+        self.calls.append(f"epoch_start {trainer.epoch_stats.index + 1}")
+
+    def on_step_end(self, trainer, step):
+        self.calls.append(f"step {step}")
+
+    def on_nonfinite(self, trainer, fault):
+        self.calls.append(f"nonfinite {fault.epoch}.{fault.batch}")
+
+    def on_epoch_end(self, trainer, record):
+        assert trainer.state.history[-1] is record
+        self.calls.append(f"epoch_end {record['epoch']} skipped={record['skipped_batches']}")
+
+    def on_fit_end(self, trainer, error):
+        self.calls.append(f"fit_end {type(error).__name__ if error else None}")
+
+
+def test_custom_callback_gets_its_hooks_in_order():
+    vae = linear_vae(guide="normal")
+    calls = []
+
+    def loss(batch, beta):  # NaN on the second step of the first epoch: left out, the hook told
+        calls.append(beta)
+        value = VAELoss(vae)(batch, beta)
+        return value * math.nan if len(calls) == 2 else value
+
+    recorder = Recorder()
+    _trainer(vae, torch.randn(50, 8), loss=loss, callbacks=[recorder]).fit()
+    assert recorder.calls == [
+        "fit_start",
+        "epoch_start 1",
+        "step 0",
+        "nonfinite 1.2",
+        "epoch_end 1 skipped=1",
+        "epoch_start 2",
+        "step 0",
+        "step 1",
+        "epoch_end 2 skipped=0",
+        "fit_end None",
+    ]
+
+    # A callback that raises stops training; on_fit_end hears why.
+    class Stop(Callback):
+        def on_step_end(self, trainer, step):
+            raise TrainingError("stop")
+
+    recorder = Recorder()
+    with pytest.raises(TrainingError, match="stop"):
+        _trainer(vae, torch.randn(50, 8), callbacks=[recorder, Stop()]).fit()
+    assert recorder.calls == ["fit_start", "epoch_start 1", "step 0", "fit_end TrainingError"]
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+    x, val = torch.randn(200, 8), torch.randn(50, 8) * 3
+    vae = linear_vae()
+    result = ppvae.fit(
+        vae, x, epochs=200, batch_size=50, lr=5e-2, val_data=val, patience=2, progress=False, checkpoint_dir=tmp_path
+    )
+    assert result.stopped_early and result.best_epoch == len(result.history) - 2
+    last, best = (ppvae.io.read(tmp_path / name)["params"] for name in ("last.pt", "best.pt"))
+    for name, p in vae.named_parameters():  # the parameters are the best epoch's, not the last one's
+        assert torch.equal(p, result.best_params[name]) and torch.equal(p, best[name]), name
+    assert any(not torch.equal(p, last[name]) for name, p in vae.named_parameters())
+
+
+def test_beta_per_step_follows_the_kl_warmup_schedule(monkeypatch):
+    seen = []
+
+    class Recording(VAELoss):
+        def __call__(self, batch, beta=1.0):
+            if torch.is_grad_enabled():  # a training step, not validation
+                seen.append(beta)
+            return super().__call__(batch, beta)
+
+    monkeypatch.setattr(ppvae.infer.train, "VAELoss", Recording)
+    result = ppvae.fit(linear_vae(), torch.randn(100, 8), epochs=3, batch_size=25, beta=0.8, kl_warmup=1.5,
+                       val_data=torch.randn(10, 8), progress=False)  # fmt: skip
+    warmup_steps = 1.5 * 4  # the schedule fit had before: β·min(1, (step + 1) / warm-up steps), step over the run
+    assert seen == [0.8 * min(1.0, (step + 1) / warmup_steps) for step in range(12)]
+    assert [h["beta"] for h in result.history] == [seen[3], seen[7], seen[11]]
+    assert BetaSchedule(0.5)(0) == 0.5 and BetaSchedule(1.0, 4.0)(1) == 0.5
+
+
+class _Stream(io_module.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_is_a_line_per_epoch_off_a_terminal_and_a_bar_on_one(tty, monkeypatch):
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    ppvae.fit(linear_vae(), torch.randn(400, 8), epochs=3, batch_size=10, seed=0)
+    text = stream.getvalue()
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("epoch ") and " loss " in line]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    if tty:
+        assert "\r" in text and "epoch 1/3:" in text  # tqdm's frames, then the epoch's line
+    else:
+        assert "\r" not in text and text.count("\n") == 3  # the lines only
+    stream.seek(0)
+    stream.truncate()
+    ppvae.fit(linear_vae(), torch.randn(40, 8), epochs=2, batch_size=10, progress=False)
+    assert stream.getvalue() == ""
+
+
+def test_progress_in_a_notebook_without_ipywidgets_uses_the_text_bar(monkeypatch, recwarn):
+    import importlib.util
+
+    import tqdm.std
+
+    from ppvae.infer import callbacks
+
+    monkeypatch.setattr(callbacks, "_in_notebook", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else real_find_spec(name)
+    )
+    assert callbacks._bar_class() is tqdm.std.tqdm
+    assert not recwarn.list  # no "IProgress not found"

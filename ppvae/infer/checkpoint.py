@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ppvae._archive import FORMAT, VERSION, config_json, read, read_file, write_file
 from ppvae._fs import previous
 from ppvae.errors import CheckpointError
-from ppvae.io import FORMAT, VERSION, config_json, read, read_file, write_file
 
 __all__ = ["check_space", "save_training", "restore_training"]
 

@@ -3,19 +3,56 @@
 ``fit`` calls these only on a faulty step: :func:`describe_fault` says what was non-finite (the loss, which
 gradients, or the values a distribution rejected), :func:`blame_sites` traces the guide and the model again on the
 offending batch and names the sample sites whose value or log-probability is non-finite, with the batch rows.
+A :class:`Fault` holds one faulty step and puts both into one sentence, on demand.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 
-__all__ = ["describe_fault", "blame_sites"]
+__all__ = ["describe_fault", "blame_sites", "Fault"]
+
+
+@dataclass(eq=False)
+class Fault:
+    """A training step whose loss or gradient is NaN/Inf, or whose distributions rejected their values.
+
+    Attributes:
+        epoch, batch: where, counted from 1; ``batches``: batches per epoch.
+        loss: the step's loss (None when a distribution refused its values: ``invalid``, the ``ValueError``).
+        params: the trained parameters, whose gradients are still those of this step.
+        model, guide, inputs, device: what :func:`blame_sites` traces again.
+    """
+
+    epoch: int
+    batch: int
+    batches: int
+    loss: torch.Tensor | None
+    invalid: ValueError | None
+    params: list[tuple[str, torch.Tensor]] = field(repr=False)
+    model: Callable = field(repr=False)
+    guide: Callable = field(repr=False)
+    inputs: tuple = field(repr=False)
+    device: torch.device = field(repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"epoch {self.epoch}, batch {self.batch} of {self.batches}"
+
+    @functools.cached_property
+    def message(self) -> str:
+        """``<what> at <where>; <sites>``. Traces the pair again, so read it before the next step changes the
+        parameters and gradients (it is computed once, then kept)."""
+        what = describe_fault(self.loss, self.params, self.invalid)
+        return f"{what} at {self.where}{blame_sites(self.model, self.guide, self.inputs, self.device)}"
 
 
 def describe_fault(loss: torch.Tensor | None, params: list[tuple[str, torch.Tensor]], invalid: Any) -> str:

@@ -1,7 +1,9 @@
 """Training objectives as differentiable losses, and β-scaling of latent sites.
 
 Every objective is a callable ``loss(model, guide, *args) -> Tensor`` (a negative ELBO or IWAE bound, summed over
-the batch, in nats) so ``fit`` can clip, check and step gradients itself.
+the batch, in nats) so ``fit`` can clip, check and step gradients itself. A :class:`BatchLoss` binds one to the pair
+being trained: ``loss(batch, beta)``, with β an argument of each call (a KL warm-up passes each step's value), so
+nothing mutable is shared between the schedule and the handlers that scale the latent sites.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
@@ -19,7 +22,17 @@ from ppvae.errors import ConfigError
 from ppvae.infer.logweights import log_weights
 from ppvae.infer.pair import is_builtin_vae
 
-__all__ = ["OBJECTIVES", "make_objective", "scale_latents", "ScaleLatents", "vae_elbo_loss", "has_fast_elbo"]
+__all__ = [
+    "OBJECTIVES",
+    "make_objective",
+    "scale_latents",
+    "ScaleLatents",
+    "vae_elbo_loss",
+    "has_fast_elbo",
+    "BatchLoss",
+    "PairLoss",
+    "VAELoss",
+]
 
 OBJECTIVES = ("elbo", "meanfield", "iwae", "enum")
 
@@ -92,36 +105,74 @@ def vae_elbo_loss(vae: Any, x: Tensor, beta: float = 1.0, num_particles: int = 1
     return -elbo.sum() / num_particles
 
 
+class BatchLoss(Protocol):
+    """One training step's loss on one batch: ``loss(batch, beta) -> Tensor``, summed over the batch (nats).
+
+    ``batch`` is the tuple the model is called with (``model(*batch)``); ``beta`` weighs the latent terms
+    (β·KL, see :class:`ScaleLatents`). The piece of the training loop a new kind of loss replaces.
+    """
+
+    def __call__(self, batch: tuple[Any, ...], beta: float = 1.0) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """A loss of :func:`make_objective` on a model/guide pair, with the latent sites of both scaled by β per call."""
+
+    model: Callable
+    guide: Callable
+    objective: Loss
+
+    def __call__(self, batch: tuple[Any, ...], beta: float = 1.0) -> Tensor:
+        # Handlers built per call with this call's β (two small objects; none at β = 1).
+        return self.objective(scale_latents(self.model, beta), scale_latents(self.guide, beta), *batch)
+
+
+@dataclass(frozen=True)
+class VAELoss:
+    """The negative β-ELBO of an unmodified :class:`ppvae.VAE` by :func:`vae_elbo_loss`: no Pyro traces."""
+
+    vae: Any
+    num_particles: int = 1
+
+    def __call__(self, batch: tuple[Any, ...], beta: float = 1.0) -> Tensor:
+        return vae_elbo_loss(self.vae, *batch, beta=beta, num_particles=self.num_particles)
+
+
 def _iwae_loss(model: Callable, guide: Callable, *args: Any, num_particles: int, **kwargs: Any):
     lw = log_weights(model, guide, *args, num_samples=num_particles, **kwargs)  # (N, K)
     return -(lw.logsumexp(-1) - math.log(num_particles)).sum()
 
 
 class ScaleLatents(Messenger):
-    """Multiply the log-density of every *unobserved* sample site by ``factor[0]``.
+    """Multiply the log-density of every *unobserved* sample site by ``factor``.
 
     Applied to both model and guide, the latent terms of the ELBO become β·(log p(z) − log q(z|x)) = −β·KL per
     datapoint while the likelihood term keeps weight 1 (Higgins et al. 2017). Scaling only the model side would
-    give β·log p(z) − log q(z|x), which is not a β-VAE. ``factor`` is a one-element list so a schedule can
-    change it between steps without rebuilding the handler.
+    give β·log p(z) − log q(z|x), which is not a β-VAE. ``factor`` is a number fixed for the handler's life: a
+    schedule (KL warm-up) builds one per step with that step's β, so no state is shared between steps.
     """
 
-    def __init__(self, factor: list[float]) -> None:
+    def __init__(self, factor: float) -> None:
         super().__init__()
-        self.factor = factor
+        self.factor = float(factor)
 
     def _process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and self.factor[0] != 1.0:
-            msg["scale"] = msg["scale"] * self.factor[0]
+        if msg["type"] == "sample" and not msg["is_observed"] and self.factor != 1.0:
+            msg["scale"] = msg["scale"] * self.factor
 
 
-def scale_latents(fn: Callable, factor: list[float]) -> Callable:
-    """``fn`` run under :class:`ScaleLatents` (a plain wrapper: Pyro handlers as decorators lose signatures)."""
+def scale_latents(fn: Callable, factor: float) -> Callable:
+    """``fn`` run under :class:`ScaleLatents` (a plain wrapper: Pyro handlers as decorators lose signatures).
+
+    ``factor`` 1 returns ``fn`` itself: the unscaled ELBO pays for no handler.
+    """
+    factor = float(factor)
+    if factor == 1.0:
+        return fn
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if factor[0] == 1.0:
-            return fn(*args, **kwargs)
         with ScaleLatents(factor):
             return fn(*args, **kwargs)
 

@@ -11,15 +11,16 @@ epoch, the batch and the sample site whose log-probability is non-finite, or ski
 (``on_nonfinite="skip"``, counted in the history). Checkpoints are written atomically after every epoch and hold
 everything a resumed run needs to end bitwise equal to an uninterrupted one (see
 :func:`ppvae.infer.checkpoint.save_training`).
+
+Structure: ``fit`` checks its arguments, builds the batches, the loss (a :class:`~ppvae.infer.objectives.BatchLoss`
+taking each step's β) and the callbacks of :mod:`ppvae.infer.callbacks` (non-finite policy, progress, early stopping,
+checkpoints), and runs a :class:`Trainer` over a :class:`~ppvae.infer.trainer_state.TrainState`.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,14 @@ from ppvae.errors import (
     is_out_of_memory,
 )
 from ppvae.infer import checkpoint
-from ppvae.infer.nonfinite import blame_sites, describe_fault
-from ppvae.infer.objectives import has_fast_elbo, make_objective, scale_latents, vae_elbo_loss
+from ppvae.infer.callbacks import ON_NONFINITE, Callback, Checkpoint, EarlyStopping, NonFinitePolicy, Progress
+from ppvae.infer.nonfinite import Fault
+from ppvae.infer.objectives import BatchLoss, PairLoss, VAELoss, has_fast_elbo, make_objective
 from ppvae.infer.pair import resolve_device, resolve_pair
 from ppvae.infer.params import collect_params
+from ppvae.infer.trainer_state import EpochStats, TrainState
 
-__all__ = ["fit", "FitResult", "resolve_pair", "ON_NONFINITE"]
-
-ON_NONFINITE = ("raise", "skip")
+__all__ = ["fit", "FitResult", "resolve_pair", "ON_NONFINITE", "Trainer", "BetaSchedule"]
 
 
 @dataclass
@@ -162,7 +163,9 @@ def fit(
             optimizer state, RNG states and history are restored, so the result equals an uninterrupted run
             (bitwise on CPU); a run killed mid-epoch restarts that epoch. A damaged ``last.pt`` raises
             :class:`CheckpointError` naming the older checkpoint to use.
-        progress: show a progress bar with the loss and examples/s on stderr.
+        progress: print a line per epoch on stderr (loss, validation ELBO, β, seconds, examples/s) and, on a
+            terminal or in a notebook, show a progress bar within the epoch; stderr redirected to a file or a pipe
+            gets the lines only. False prints nothing.
         validate_data: check data against the likelihood's support before training (a ppvae.VAE only).
         on_nonfinite: what a NaN/Inf loss or gradient does. ``"raise"``: stop with a :class:`TrainingError`
             naming the epoch, batch and sample site, with the parameters from before that batch kept (in the
@@ -173,20 +176,9 @@ def fit(
     Returns:
         :class:`FitResult` with a per-epoch ``history``.
     """
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    _check_positive("lr", lr, float)
-    _check_positive("num_particles", num_particles)
-    _check_positive("beta", beta, float, allow_zero=True)
-    _check_positive("kl_warmup", kl_warmup, float, allow_zero=True)
-    if patience is not None:
-        _check_positive("patience", patience)
-        if val_data is None:
-            raise ConfigError("patience needs val_data: early stopping watches the validation ELBO")
-    if clip_norm is not None:
-        _check_positive("clip_norm", clip_norm, float)
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
+    _check_arguments(
+        epochs, batch_size, lr, num_particles, beta, kl_warmup, val_data, patience, clip_norm, checkpoint_dir, resume
+    )
     if on_nonfinite not in ON_NONFINITE:
         raise ConfigError(f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got {on_nonfinite!r}")
     if seed is not None:
@@ -198,23 +190,22 @@ def fit(
         pyro.set_rng_seed(seed)
     if owner is not None:
         owner.to(dev)
-    train = make_batches(data, batch_size, dev, shuffle=True, what="data")
-    val = (
-        make_batches(val_data, max(batch_size, 1024), dev, shuffle=False, what="val_data", strict=False)
-        if val_data is not None
-        else None
-    )
-    if validate_data and owner is not None:
-        for b in (train, val):
-            if b is not None:
-                b.check_against(owner)
+    train, val = _batches(data, val_data, batch_size, dev, owner if validate_data else None)
     is_vae = owner is not None and hasattr(owner, "likelihood") and hasattr(owner, "encode")
     if vectorize_particles is None:
         vectorize_particles = is_vae and num_particles > 1
-    loss_fn = make_objective(objective, num_particles, vectorize_particles, max_plate_nesting=1 if is_vae else None)
-    val_loss_fn = make_objective("elbo", 1, False, max_plate_nesting=1 if is_vae else None)
-    fast = has_fast_elbo(owner) and objective == "elbo"
+    step_loss, val_loss = _losses(
+        model_fn, guide_fn, owner, objective, num_particles, vectorize_particles, 1 if is_vae else None
+    )
     ckpt_dir = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
+    callbacks = _callbacks(model, on_nonfinite, lr, ckpt_dir, progress, val is not None, patience)
+    vectorized = vectorize_particles and isinstance(step_loss, PairLoss)  # the direct VAE ELBO always vectorizes
+
+    def memory_advice(n: int) -> str:
+        return (
+            f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
+            "model: lower batch_size or num_particles" + (", or vectorize_particles=False" if vectorized else "")
+        )
 
     store = pyro.get_param_store()
     failure: TrainingError | None = None
@@ -230,144 +221,25 @@ def fit(
         params = collect_params(model_fn, guide_fn, owner, first)
         if ckpt_dir is not None:
             checkpoint.check_space(ckpt_dir, params)
-        optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
-        result = FitResult(
-            model_fn, guide_fn, owner, param_state=None if owner is not None else param_state, optimizer=optimizer
+        state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=lr))
+        if resume and ckpt_dir is not None:
+            _resume(ckpt_dir, state, owner)
+        trainer = Trainer(
+            state,
+            train,
+            step_loss,
+            epochs=epochs,
+            beta=BetaSchedule(beta, kl_warmup * len(train)),
+            val=val,
+            val_loss=val_loss,
+            clip_norm=clip_norm,
+            callbacks=callbacks,
+            pair=(model_fn, guide_fn),
+            device=dev,
+            memory_advice=memory_advice,
         )
-        start_epoch = _resume(ckpt_dir, params, optimizer, result, owner) if resume and ckpt_dir is not None else 0
-        steps_per_epoch = len(train)
-        warmup_steps = kl_warmup * steps_per_epoch
-        beta_now = [float(beta)]
-        if fast:  # a ppvae.VAE: Trace_ELBO's estimator without tracing (see objectives.vae_elbo_loss)
-
-            def step_loss(x: torch.Tensor) -> torch.Tensor:
-                return vae_elbo_loss(owner, x, beta_now[0], num_particles)
-
-            def val_loss(x: torch.Tensor) -> torch.Tensor:
-                return vae_elbo_loss(owner, x)
-        else:
-            scaled_model = scale_latents(model_fn, beta_now)
-            scaled_guide = scale_latents(guide_fn, beta_now)
-
-            def step_loss(*batch: torch.Tensor) -> torch.Tensor:
-                return loss_fn(scaled_model, scaled_guide, *batch)
-
-            def val_loss(*batch: torch.Tensor) -> torch.Tensor:
-                return val_loss_fn(model_fn, guide_fn, *batch)
-
-        bad_epochs = len(result.history) - (result.best_epoch or 0)
-        checked_grads = start_epoch > 0
-        trainable = [p for _, p in params]
         try:
-            for epoch in range(start_epoch, epochs):
-                if result.stopped_early:  # resumed from the checkpoint of the epoch that ran out of patience
-                    break
-                t0 = time.perf_counter()
-                total, count, skipped, first_skip = torch.zeros((), device=dev), 0, 0, ""
-                bar = _progress(progress, steps_per_epoch, epoch, epochs)
-                for step, batch in enumerate(train):
-                    global_step = epoch * steps_per_epoch + step
-                    beta_now[0] = beta * min(1.0, (global_step + 1) / warmup_steps) if warmup_steps > 0 else beta
-                    n = train.batch_len(batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    invalid = None
-                    try:
-                        loss = step_loss(*batch) / n
-                        loss.backward()
-                    except ValueError as err:  # Pyro/torch validation: a distribution got NaN/Inf or bad values
-                        if isinstance(err, PPVAEError) or "invalid values" not in str(err):
-                            raise
-                        loss, invalid = None, err
-                    except (RuntimeError, MemoryError) as err:
-                        if not is_out_of_memory(err):
-                            raise
-                        if bar is not None:
-                            bar.close()
-                        raise TrainingError(
-                            f"out of memory at epoch {epoch + 1}, batch {step + 1} on {dev} "
-                            f"({describe_out_of_memory(err)}); "
-                            f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
-                            "model: lower batch_size or num_particles"
-                            + (", or vectorize_particles=False" if vectorize_particles and not fast else "")
-                        ) from err
-                    if loss is not None and not checked_grads:
-                        _check_gradients(params)
-                        checked_grads = True
-                    grad_max = None if loss is None else _grad_max(trainable)
-                    if loss is None or not _all_finite(loss, grad_max):
-                        where = f"epoch {epoch + 1}, batch {step + 1} of {steps_per_epoch}"
-                        what = describe_fault(loss, params, invalid)
-                        if on_nonfinite == "skip":
-                            skipped += 1
-                            if not first_skip:  # trace only the first one of an epoch: skipping stays cheap
-                                first_skip = f"{what} at {where}{blame_sites(model_fn, guide_fn, batch, dev)}"
-                            continue
-                        if bar is not None:
-                            bar.close()
-                        kept = _keep_last_good(ckpt_dir, model, params, optimizer, result, epoch, step)
-                        raise TrainingError(
-                            f"{what} at {where}{blame_sites(model_fn, guide_fn, batch, dev)}; training stopped "
-                            f"with the parameters from before this batch ({kept}). Likely causes: a learning rate too "
-                            f"high (lr={lr:g}: try {lr / 10:g}, or clip_norm=...), a likelihood scale collapsing "
-                            "to 0, or data outside the likelihood's support; on_nonfinite='skip' skips such batches"
-                        )
-                    if clip_norm is not None:
-                        nn.utils.clip_grad_norm_(trainable, clip_norm)
-                    optimizer.step()
-                    total += loss.detach() * n
-                    count += n
-                    if bar is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
-                        seconds = time.perf_counter() - t0
-                        bar.set_postfix(
-                            loss=f"{total.item() / max(count, 1):.3f}", ex_s=f"{count / max(seconds, 1e-9):.0f}"
-                        )
-                        bar.update(step + 1 - bar.n)
-                if bar is not None:
-                    bar.close()
-                if skipped:
-                    if count == 0:
-                        raise TrainingError(
-                            f"every batch of epoch {epoch + 1} ({skipped}) had a non-finite loss or gradient, so "
-                            f"training cannot go on; first: {first_skip}. Lower the learning rate (lr={lr:g}) or "
-                            "check the data against the likelihood's support"
-                        )
-                    warnings.warn(
-                        f"skipped {skipped} of {steps_per_epoch} batches in epoch {epoch + 1} with a non-finite "
-                        f"loss or gradient (on_nonfinite='skip'); first: {first_skip}",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                seconds = time.perf_counter() - t0
-                record = {
-                    "epoch": epoch + 1,
-                    "train_loss": total.item() / count,
-                    "val_elbo": _mean_elbo(val_loss, val) if val is not None else None,
-                    "beta": beta_now[0],
-                    "seconds": seconds,
-                    "examples_per_s": count / seconds,
-                    "skipped_batches": skipped,
-                }
-                result.history.append(record)
-                if progress:
-                    print(_describe(record, epochs), file=sys.stderr)
-                score = record["val_elbo"] if val is not None else -record["train_loss"]
-                improved = score > result.best_score
-                if improved:
-                    result.best_score = score
-                    result.best_params = {name: p.detach().clone() for name, p in params}
-                    result.best_epoch = epoch + 1
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-                result.stopped_early = patience is not None and bad_epochs >= patience
-                if ckpt_dir is not None:
-                    checkpoint.save_training(ckpt_dir / "last.pt", model, params, optimizer, result)
-                    if improved:
-                        checkpoint.save_training(ckpt_dir / "best.pt", model, params, optimizer, result)
-            if val is not None and result.best_params is not None:
-                with torch.no_grad():  # keep the parameters of the best validation epoch
-                    for name, p in params:
-                        p.copy_(result.best_params[name])
+            trainer.fit()
         except TrainingError as err:  # leave the state before the failure in place (the store, for functions)
             failure = err
     if owner is None:
@@ -375,16 +247,273 @@ def fit(
         store.set_state(param_state)
     if failure is not None:
         raise failure
-    return result
+    return FitResult(
+        model_fn,
+        guide_fn,
+        owner,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        stopped_early=state.stopped_early,
+        param_state=None if owner is not None else param_state,
+        optimizer=state.optimizer,
+        best_score=state.best_score,
+        best_params=state.best_params,
+    )
 
 
-def _resume(
-    ckpt_dir: Path, params: list[tuple[str, torch.Tensor]], optimizer: Any, result: FitResult, owner: Any
-) -> int:
+def _batches(
+    data: Any, val_data: Any, batch_size: int, dev: torch.device, check_against: nn.Module | None
+) -> tuple[Batches, Batches | None]:
+    """Shuffled training batches and unshuffled validation ones (in batches of max(batch_size, 1024) rows: scoring
+    holds no gradients), both checked against ``check_against``'s likelihood when given."""
+    train = make_batches(data, batch_size, dev, shuffle=True, what="data")
+    val = (
+        make_batches(val_data, max(batch_size, 1024), dev, shuffle=False, what="val_data", strict=False)
+        if val_data is not None
+        else None
+    )
+    if check_against is not None:
+        for b in (train, val):
+            if b is not None:
+                b.check_against(check_against)
+    return train, val
+
+
+def _losses(
+    model_fn: Callable,
+    guide_fn: Callable,
+    owner: nn.Module | None,
+    objective: str | ELBO,
+    num_particles: int,
+    vectorize_particles: bool,
+    max_plate_nesting: int | None,
+) -> tuple[BatchLoss, BatchLoss]:
+    """The step's loss and the validation loss (ELBO, β = 1, one particle).
+
+    An unmodified ppvae.VAE with objective "elbo" gets the direct ELBO (Trace_ELBO's estimator without tracing,
+    see :func:`ppvae.infer.objectives.vae_elbo_loss`: the same values, much less Python per step); any other pair
+    Pyro's ELBOs. The objective is built either way, so a bad one is refused the same way for every pair.
+    """
+    loss_fn = make_objective(objective, num_particles, vectorize_particles, max_plate_nesting=max_plate_nesting)
+    val_loss_fn = make_objective("elbo", 1, False, max_plate_nesting=max_plate_nesting)
+    if has_fast_elbo(owner) and objective == "elbo":
+        return VAELoss(owner, num_particles), VAELoss(owner)
+    return PairLoss(model_fn, guide_fn, loss_fn), PairLoss(model_fn, guide_fn, val_loss_fn)
+
+
+def _callbacks(
+    model: Any,
+    on_nonfinite: str,
+    lr: float,
+    ckpt_dir: Path | None,
+    progress: bool,
+    validating: bool,
+    patience: int | None,
+) -> list[Callback]:
+    """fit's callbacks, in the order their epoch-end hooks must run: the skip warning and the epoch's line come
+    first, early stopping sets ``stopped_early`` before the checkpoint records it."""
+    callbacks: list[Callback] = [NonFinitePolicy(on_nonfinite, lr=lr, directory=ckpt_dir, model=model)]
+    if progress:
+        callbacks.append(Progress())
+    if validating:  # keep the best validation epoch's parameters (and stop early with patience)
+        callbacks.append(EarlyStopping(patience))
+    if ckpt_dir is not None:
+        callbacks.append(Checkpoint(ckpt_dir, model))
+    return callbacks
+
+
+def _check_arguments(
+    epochs: Any,
+    batch_size: Any,
+    lr: Any,
+    num_particles: Any,
+    beta: Any,
+    kl_warmup: Any,
+    val_data: Any,
+    patience: Any,
+    clip_norm: Any,
+    checkpoint_dir: Any,
+    resume: bool,
+) -> None:
+    """fit's numeric arguments and the combinations it refuses, before any data is looked at."""
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    _check_positive("lr", lr, float)
+    _check_positive("num_particles", num_particles)
+    _check_positive("beta", beta, float, allow_zero=True)
+    _check_positive("kl_warmup", kl_warmup, float, allow_zero=True)
+    if patience is not None:
+        _check_positive("patience", patience)
+        if val_data is None:
+            raise ConfigError("patience needs val_data: early stopping watches the validation ELBO")
+    if clip_norm is not None:
+        _check_positive("clip_norm", clip_norm, float)
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
+
+
+@dataclass(frozen=True)
+class BetaSchedule:
+    """β of each step: rising linearly from β/warmup_steps to ``beta`` over ``warmup_steps`` steps (KL warm-up,
+    Sønderby et al. 2016), then constant; ``warmup_steps`` 0 is ``beta`` throughout."""
+
+    beta: float
+    warmup_steps: float = 0.0
+
+    def __call__(self, global_step: int) -> float:
+        """β of step ``global_step``, counted from 0 over the whole run (epoch × batches per epoch + batch)."""
+        if self.warmup_steps > 0:
+            return self.beta * min(1.0, (global_step + 1) / self.warmup_steps)
+        return self.beta
+
+
+class Trainer:
+    """The loop under :func:`fit`: epochs of steps over ``train``, each a :meth:`training_step` of ``loss``, with
+    the faults and bookkeeping every loop needs, and :class:`~ppvae.infer.callbacks.Callback` hooks for the rest.
+
+    A step: β from the schedule, forward and backward (:meth:`training_step`), one device sync checking the loss
+    and the largest gradient entry, then the optimizer step, or ``on_nonfinite`` for a NaN/Inf (the batch is left
+    out unless a callback raises). An epoch: its steps, the record appended to ``state.history`` (validation ELBO
+    with β = 1 on ``val``), the best epoch updated, ``on_epoch_end``. Training stops after ``epochs`` or when
+    ``state.stopped_early`` is set. A step that runs out of memory raises a :class:`TrainingError` naming the step
+    and ``memory_advice(batch size)``.
+
+    ``pair`` (model and guide) is traced again to name the sites of a faulty step; ``device`` holds the data.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        train: Batches,
+        loss: BatchLoss,
+        *,
+        epochs: int,
+        beta: Callable[[int], float] = BetaSchedule(1.0),
+        val: Batches | None = None,
+        val_loss: BatchLoss | None = None,
+        clip_norm: float | None = None,
+        callbacks: Sequence[Callback] = (),
+        pair: tuple[Callable, Callable],
+        device: torch.device,
+        memory_advice: Callable[[int], str] = lambda n: f"one step holds {n} datapoints: lower the batch size",
+    ) -> None:
+        self.state, self.train, self.loss = state, train, loss
+        self.epochs, self.beta = epochs, beta
+        self.val, self.val_loss = val, val_loss if val_loss is not None else loss
+        self.clip_norm = clip_norm
+        self.callbacks = list(callbacks)
+        self.pair, self.device, self.memory_advice = pair, device, memory_advice
+        self.epoch_stats = EpochStats(state.epoch, len(train), torch.zeros((), device=device))
+        self._trainable = [p for _, p in state.params]
+        # Only the step-end hooks someone overrides run per step: the loop's overhead stays off the hot path.
+        self._step_hooks = [cb for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
+        # Dead parameters are caught on the first step of a fresh run (a resumed one was checked when it began).
+        self._gradients_checked = state.epoch > 0
+
+    def fit(self) -> TrainState:
+        """Train until ``epochs`` epochs are done or ``state.stopped_early``; the state, trained in place."""
+        error: BaseException | None = None
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            while self.state.epoch < self.epochs and not self.state.stopped_early:
+                self._epoch()
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            for cb in self.callbacks:
+                cb.on_fit_end(self, error)
+        return self.state
+
+    def training_step(self, batch: tuple, beta: float) -> torch.Tensor:
+        """Forward and backward on one batch: the loss per datapoint, with the gradients in the parameters'
+        ``.grad``. The piece to replace for another kind of step (several losses, several data streams)."""
+        self.state.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch, beta) / self.train.batch_len(batch)
+        loss.backward()
+        return loss
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """The mean ELBO (β = 1) on ``val`` in nats per datapoint, or None without validation data."""
+        return _mean_elbo(self.val_loss, self.val) if self.val is not None else None
+
+    def _epoch(self) -> None:
+        state = self.state
+        stats = self.epoch_stats = EpochStats(state.epoch, len(self.train), torch.zeros((), device=self.device))
+        for cb in self.callbacks:
+            cb.on_epoch_start(self)
+        for step, batch in enumerate(self.train):
+            self._step(step, batch)
+        if stats.skipped and stats.count == 0:
+            lr = state.optimizer.param_groups[0]["lr"]
+            raise TrainingError(
+                f"every batch of epoch {stats.index + 1} ({stats.skipped}) had a non-finite loss or gradient, so "
+                f"training cannot go on; first: {stats.first_fault}. Lower the learning rate (lr={lr:g}) or "
+                "check the data against the likelihood's support"
+            )
+        seconds = stats.seconds  # the steps' time: validation is not part of examples/s
+        record = {
+            "epoch": stats.index + 1,
+            "train_loss": stats.loss_sum.item() / stats.count,
+            "val_elbo": self.validate(),
+            "beta": stats.beta,
+            "seconds": seconds,
+            "examples_per_s": stats.count / seconds,
+            "skipped_batches": stats.skipped,
+        }
+        state.history.append(record)
+        state.observe(record["val_elbo"] if self.val is not None else -record["train_loss"])
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+
+    def _step(self, step: int, batch: tuple) -> None:
+        stats = self.epoch_stats
+        stats.beta = beta = self.beta(stats.index * stats.batches + step)
+        n = self.train.batch_len(batch)
+        invalid = None
+        try:
+            loss = self.training_step(batch, beta)
+        except ValueError as err:  # Pyro/torch validation: a distribution got NaN/Inf or bad values
+            if isinstance(err, PPVAEError) or "invalid values" not in str(err):
+                raise
+            loss, invalid = None, err
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise TrainingError(
+                f"out of memory at epoch {stats.index + 1}, batch {step + 1} on {self.device} "
+                f"({describe_out_of_memory(err)}); {self.memory_advice(n)}"
+            ) from err
+        if loss is not None and not self._gradients_checked:
+            _check_gradients(self.state.params)
+            self._gradients_checked = True
+        grad_max = None if loss is None else _grad_max(self._trainable)
+        if loss is None or not _all_finite(loss, grad_max):
+            model_fn, guide_fn = self.pair
+            fault = Fault(
+                stats.index + 1, step + 1, stats.batches, loss, invalid,
+                self.state.params, model_fn, guide_fn, batch, self.device,
+            )  # fmt: skip
+            for cb in self.callbacks:
+                cb.on_nonfinite(self, fault)
+            stats.skip(fault)  # no callback stopped training: leave the batch out, no optimizer step
+            return
+        if self.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self._trainable, self.clip_norm)
+        self.state.optimizer.step()
+        stats.loss_sum += loss.detach() * n
+        stats.count += n
+        for cb in self._step_hooks:
+            cb.on_step_end(self, step)
+
+
+def _resume(ckpt_dir: Path, state: TrainState, owner: Any) -> int:
     """Restore ``ckpt_dir/last.pt`` if there is one; the number of finished epochs (0: start afresh)."""
     last = ckpt_dir / "last.pt"
     if last.exists():
-        return checkpoint.restore_training(last, params, optimizer, result, owner)
+        return checkpoint.restore_training(last, state.params, state.optimizer, state, owner)
     if io.previous(last).exists():  # only a writer other than ppvae's leaves .prev without the file itself
         raise CheckpointError(
             f"cannot resume: {last} is missing but {io.previous(last)} exists; rename it to {last.name} to resume "
@@ -411,23 +540,6 @@ def _all_finite(loss: torch.Tensor, grad_max: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(loss) & torch.isfinite(grad_max))
 
 
-def _keep_last_good(
-    ckpt_dir: Path | None, model: Any, params: list, optimizer: Any, result: FitResult, epoch: int, step: int
-) -> str:
-    """Write the parameters from before a failed batch to ``nonfinite.pt``; say where the good state is."""
-    if ckpt_dir is None:
-        return "kept in memory; pass checkpoint_dir=... to keep them on disk too"
-    path = ckpt_dir / "nonfinite.pt"
-    try:
-        checkpoint.save_training(
-            path, model, params, optimizer, result, extra={"failed_at": {"epoch": epoch + 1, "batch": step + 1}}
-        )
-    except CheckpointError:
-        return f"kept in memory; writing {path} failed"
-    last = f", {ckpt_dir / 'last.pt'} holds the end of epoch {epoch}" if (ckpt_dir / "last.pt").exists() else ""
-    return f"kept in memory and in {path}{last}"
-
-
 def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
     """Refuse to train parameters the ELBO never reaches: they would silently stay at their initial values."""
     dead = [name for name, p in params if p.grad is None]
@@ -440,7 +552,7 @@ def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
 
 
 @torch.no_grad()
-def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
+def _mean_elbo(loss_fn: BatchLoss, batches: Batches) -> float:
     """ELBO (β = 1, one particle) averaged over all datapoints of ``batches``, nats per datapoint.
 
     Without gradients (a score, not a step). Out of memory: in-memory data are scored again in batches half as
@@ -451,7 +563,7 @@ def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
             total, count = 0.0, 0
             with torch.no_grad():
                 for batch in batches:
-                    total -= loss_fn(*batch).item()
+                    total -= loss_fn(batch, 1.0).item()
                     count += batches.batch_len(batch)
             return total / count
         except (RuntimeError, MemoryError) as err:
@@ -468,20 +580,3 @@ def _mean_elbo(loss_fn: Callable, batches: Batches) -> float:
                     f"({describe_out_of_memory(err)}); {fix}"
                 ) from err
             batches = batches.with_batch_size(max(1, batches.batch_size // 2))
-
-
-def _progress(enabled: bool, total: int, epoch: int, epochs: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr, leave=False, unit="step")
-
-
-def _describe(record: dict, epochs: int) -> str:
-    val = f"  val ELBO {record['val_elbo']:.3f}" if record["val_elbo"] is not None else ""
-    skipped = f"  {record['skipped_batches']} batches skipped" if record.get("skipped_batches") else ""
-    return (
-        f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.3f}{val}  "
-        f"β {record['beta']:.2f}  {record['seconds']:.1f}s  {record['examples_per_s']:.0f} ex/s{skipped}"
-    )
