@@ -34,7 +34,7 @@ from torch import nn
 from ppvae import io
 from ppvae._fs import prepare_dir
 from ppvae._local_params import local_module_params
-from ppvae._validate import check_seed
+from ppvae._validate import COUNT, NONNEGATIVE, POSITIVE, check, check_seed
 from ppvae.data.batches import Batches, make_batches
 from ppvae.errors import (
     CheckpointError,
@@ -90,20 +90,6 @@ class FitResult:
     @property
     def val_elbo(self) -> list[float | None]:
         return [h["val_elbo"] for h in self.history]
-
-
-def _check_positive(name: str, value: Any, kind: type = int, allow_zero: bool = False) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if kind is float:
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (value >= 0 if allow_zero else value > 0)
-        )
-    if not ok:
-        bound = "≥ 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be a {'number' if kind is float else 'whole number'} {bound}, got {value!r}")
 
 
 def fit(
@@ -336,18 +322,15 @@ def _check_arguments(
     resume: bool,
 ) -> None:
     """fit's numeric arguments and the combinations it refuses, before any data is looked at."""
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    _check_positive("lr", lr, float)
-    _check_positive("num_particles", num_particles)
-    _check_positive("beta", beta, float, allow_zero=True)
-    _check_positive("kl_warmup", kl_warmup, float, allow_zero=True)
-    if patience is not None:
-        _check_positive("patience", patience)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_particles", num_particles)):
+        check(name, value, COUNT)
+    check("lr", lr, POSITIVE)
+    check("beta", beta, NONNEGATIVE)
+    check("kl_warmup", kl_warmup, NONNEGATIVE)
+    check("clip_norm", clip_norm, None, POSITIVE)
+    if check("patience", patience, None, COUNT) is not None:
         if val_data is None:
             raise ConfigError("patience needs val_data: early stopping watches the validation ELBO")
-    if clip_norm is not None:
-        _check_positive("clip_norm", clip_norm, float)
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir, where the checkpoint to resume from lives")
 
