@@ -312,3 +312,10 @@ def test_diagnose_leaves_the_callers_rng_state():
     d = ppvae.diagnose(vae, X[:6], num_samples=30, **cheap)
     assert d.collapse is not None and d.gaps is not None and d.sbc is not None and d.reference is not None
     assert_same_rng_states(before, rng_states())
+
+
+def test_sbc_on_a_pair_without_a_generation_path_is_skipped_not_failed():
+    """model(x) with no model(None, batch_size=n) path: SBC does not apply (NotApplicable), it did not fail."""
+    d = ppvae.diagnose(lg_model, X, guide=scaled_guide(HALVED), num_samples=100, collapse=False, gaps=False,
+                       reference=False, sbc_simulations=20)  # fmt: skip
+    assert "sbc" in d.skipped and "generation-path convention" in d.skipped["sbc"] and d.failed == {}

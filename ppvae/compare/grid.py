@@ -249,7 +249,7 @@ def check_grid(
 
     Raises :class:`ConfigError` naming the first bad value and what it may be: an axis given as one string, an
     unknown block, objective or option (with the registry's names), a value a block's constructor refuses (each
-    distinct block is built once on the data's shape, cheaply: :func:`ppvae.compare_cells.check_blocks`), a seed
+    distinct block is built once on the data's shape, cheaply: :func:`ppvae.compare.cells.check_blocks`), a seed
     outside NumPy's range, a setting fit or diagnose would refuse, a repeated cell. Nothing is trained or written:
     :func:`compare` calls it first, and ``ppvae compare`` before it prints anything.
     """

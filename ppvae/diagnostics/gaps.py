@@ -116,7 +116,7 @@ def inference_gaps(
     the amortization gap, a difference of independent noisy estimates and may come out slightly negative.
 
     Args:
-        model: a :class:`ppvae.VAE` (other model/guide pairs raise :class:`ConfigError`).
+        model: a :class:`ppvae.VAE` (other model/guide pairs raise :class:`~ppvae.errors.NotApplicable`).
         data: ``(N, *data_shape)`` tensor or array.
         guide: leave None (the VAE's own guide is used).
         index: rows of ``data`` to use; default ``num_points`` rows drawn without replacement with ``seed``.

@@ -27,7 +27,7 @@ from torch import Tensor
 from ppvae._local_params import local_module_params
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
-from ppvae.errors import ConfigError
+from ppvae.errors import ConfigError, NotApplicable
 from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
 
 __all__ = ["SBCResult", "sbc", "sbc_plot"]
@@ -153,8 +153,8 @@ def _vae_simulator(vae: Any) -> Callable[[int, int], tuple[Tensor, Tensor]]:
     return simulate
 
 
-def _convention_error(what: str) -> ConfigError:
-    return ConfigError(
+def _convention_error(what: str) -> NotApplicable:
+    return NotApplicable(
         f"sbc simulates data from the model, but {what}; follow the generation-path convention: model(None, "
         "batch_size=n) samples the latent site 'z' inside pyro.plate('data', n) and returns the n new datapoints "
         "(or samples them at site 'x'), and guide(x) samples site 'z'"
