@@ -256,7 +256,7 @@ def test_demo_runs_the_grid_writes_the_report_and_saves_the_best_run(tmp_path, c
         ("missing", [], "no such file"),
         ("corrupt", [], "cannot read"),
         ("no-dataset", [], "records no dataset"),
-        ("good", ["--num-samples", "1"], "--num-samples must be ≥ 2, got 1"),
+        ("good", ["--num-samples", "1"], "argument --num-samples: num_samples must be a whole number ≥ 2, got 1"),
     ],
 )
 def test_scoring_user_errors_exit_2_with_one_line(tiny_run, tmp_path, capsys, command, case, extra, match):
@@ -266,7 +266,11 @@ def test_scoring_user_errors_exit_2_with_one_line(tiny_run, tmp_path, capsys, co
     if case == "no-dataset":
         io.save(io.load(tiny_run / "model.pt"), run)  # saved from Python: no dataset recorded
     capsys.readouterr()
-    assert main([command, str(run), *extra, "--out", str(tmp_path / "out")]) == 2
+    try:
+        status = main([command, str(run), *extra, "--out", str(tmp_path / "out")])
+    except SystemExit as exit_:  # a bad flag is a usage error, refused by the parser before anything is read
+        status = exit_.code
+    assert status == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"ppvae {command}: error:") and match in err

@@ -279,18 +279,18 @@ def test_every_default_comes_from_the_configs():
     from ppvae.diagnostics import config, gaps, reference, sbc
 
     d = config.DiagnoseConfig()
-    defaults = {k: v.default for k, v in inspect.signature(ppvae.diagnose).parameters.items()}
-    assert {k: defaults[k] for k in d.diagnose_kwargs()} == d.diagnose_kwargs()
+    assert config.DiagnoseConfig.from_options() == d  # diagnose() with no options runs the defaults
+    assert config.DiagnoseConfig.from_options(**d.diagnose_kwargs()) == d
     assert inspect.signature(gaps.inference_gaps).parameters["steps"].default == d.gaps.steps
     assert inspect.signature(reference.reference_posterior).parameters["num_points"].default == d.reference.num_points
     assert inspect.signature(sbc.sbc).parameters["num_simulations"].default == d.sbc.num_simulations
     args = app.build_parser().parse_args(["diagnose", "RUN"])
-    assert (args.gap_points, args.gap_steps, args.sbc_simulations) == (
+    assert (args.num_gap_points, args.gap_steps, args.sbc_simulations) == (
         d.gaps.num_points,
         d.gaps.steps,
         d.sbc.num_simulations,
     )
-    assert (args.reference_points, args.reference_warmup, args.reference_samples, args.num_samples) == (
+    assert (args.num_reference_points, args.reference_warmup, args.reference_samples, args.num_samples) == (
         d.reference.num_points,
         d.reference.num_warmup,
         d.reference.num_nuts_draws,
@@ -319,3 +319,42 @@ def test_sbc_on_a_pair_without_a_generation_path_is_skipped_not_failed():
     d = ppvae.diagnose(lg_model, X, guide=scaled_guide(HALVED), num_samples=100, collapse=False, gaps=False,
                        reference=False, sbc_simulations=20)  # fmt: skip
     assert "sbc" in d.skipped and "generation-path convention" in d.skipped["sbc"] and d.failed == {}
+
+
+def test_parts_are_declared_once_and_reach_diagnose_the_cli_and_the_grid():
+    """A part is its config class in DiagnoseConfig: diagnose runs it, the CLI has its flags, the grid checks it."""
+    import dataclasses
+
+    from ppvae.cli import app
+    from ppvae.cli.scoring import diagnose_config
+    from ppvae.diagnostics import config
+
+    names = [c.part for c in config.part_configs()]
+    assert names == ["collapse", "gaps", "sbc", "reference"]
+    for c in config.part_configs():
+        assert callable(config.runner(c))
+    options = [s.option for _, _, s in config.part_settings()]
+    assert len(options) == len(set(options))  # one keyword per setting
+    parser = app.build_parser()
+    args = parser.parse_args(["diagnose", "RUN", "--no-sbc", "--gap-steps", "7", "--reference-warmup", "0"])
+    cfg = diagnose_config(args)
+    assert cfg.sbc is None and cfg.gaps.steps == 7 and cfg.reference.num_warmup == 0 and cfg.collapse is not None
+    assert dataclasses.replace(cfg, gaps=None).diagnose_kwargs()["gaps"] is False
+    with pytest.raises(ppvae.ConfigError, match=r"gap_steps must be a whole number ≥ 1, got 0"):
+        config.DiagnoseConfig.from_options(gap_steps=0)
+    with pytest.raises(ppvae.ConfigError, match="unknown diagnose option gap_step; its options are collapse, gaps"):
+        config.DiagnoseConfig.from_options(gap_step=5)
+    with pytest.raises(ppvae.ConfigError, match="sbc must be True or False"):
+        config.DiagnoseConfig.from_options(sbc="no")
+
+
+def test_diagnose_takes_a_config_or_options_not_both():
+    from ppvae.diagnostics.config import DiagnoseConfig
+
+    with pytest.raises(ppvae.ConfigError, match="not both"):
+        ppvae.diagnose(exact_vae(), X, config=DiagnoseConfig(), gaps=False)
+    only_psis = DiagnoseConfig(collapse=None, gaps=None, sbc=None, reference=None)
+    d = ppvae.diagnose(exact_vae(), X, config=only_psis, num_samples=200)
+    assert d.parts == {} and d.gaps is None and set(d.seconds) == {"evaluate_psis"}
+    with pytest.raises(AttributeError):
+        d.not_a_part  # noqa: B018

@@ -30,8 +30,7 @@ from ppvae.blocks.specs import default_likelihood, parse_block, with_levels
 from ppvae.cli.args import count_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
-from ppvae.cli.scoring import add_scoring_args, diagnose_command, evaluate_command
-from ppvae.diagnostics.config import GapsConfig, ReferenceConfig, SBCConfig
+from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_command, evaluate_command
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.infer.train import fit
@@ -112,46 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
             "HTML report in OUT; the best cell is saved as a run (OUT/model.pt)",
         )
     )
-    p = sub.add_parser(
-        "evaluate",
-        help="ELBO, IWAE log p(x), inference gap and bits/dim of a saved run on a split of its own dataset; "
-        "writes evaluation.json and evaluation.nc (per-datapoint values)",
+    add_evaluate_args(
+        sub.add_parser(
+            "evaluate",
+            help="ELBO, IWAE log p(x), inference gap and bits/dim of a saved run on a split of its own dataset; "
+            "writes evaluation.json and evaluation.nc (per-datapoint values)",
+        )
     )
-    add_scoring_args(p, "evaluation")
-    p.add_argument(
-        "--batch-size",
-        type=count_arg("batch_size"),
-        default=256,
-        help="datapoints per chunk; memory only (default %(default)s)",
+    add_diagnose_args(
+        sub.add_parser(
+            "diagnose",
+            help="how good is the guide: PSIS k-hat, IS ESS, posterior collapse, amortization/approximation gaps, "
+            "SBC and NUTS reference posteriors; writes diagnosis.json, diagnosis.nc and PNG plots",
+        )
     )
-    p = sub.add_parser(
-        "diagnose",
-        help="how good is the guide: PSIS k-hat, IS ESS, posterior collapse, amortization/approximation gaps, "
-        "SBC and NUTS reference posteriors; writes diagnosis.json, diagnosis.nc and PNG plots",
-    )
-    add_scoring_args(p, "diagnosis")
-    p.add_argument(
-        "--max-points",
-        type=int,
-        default=2000,
-        help="use at most this many datapoints of the split (default %(default)s): evenly spaced rows (the split "
-        "is already a seeded shuffle); all when the split is smaller",
-    )
-    for flag, default, text in (
-        ("--no-gaps", None, "skip the amortization/approximation gaps"),
-        ("--gap-points", GapsConfig.num_points, "datapoints (seeded draw) for the gaps"),
-        ("--gap-steps", GapsConfig.steps, "Adam steps of the per-datapoint guides"),
-        ("--no-sbc", None, "skip simulation-based calibration"),
-        ("--sbc-simulations", SBCConfig.num_simulations, "simulations for SBC, ≥ 10"),
-        ("--no-reference", None, "skip NUTS reference posteriors (the costliest part)"),
-        ("--reference-points", ReferenceConfig.num_points, "datapoints (evenly spaced) for NUTS"),
-        ("--reference-warmup", ReferenceConfig.num_warmup, "NUTS warm-up steps per chain, 2 chains"),
-        ("--reference-samples", ReferenceConfig.num_nuts_draws, "NUTS draws kept per chain"),
-    ):
-        if default is None:
-            p.add_argument(flag, action="store_true", help=text)
-        else:
-            p.add_argument(flag, type=int, default=default, help=f"{text} (default %(default)s)")
     add_compare_args(
         sub.add_parser(
             "compare",

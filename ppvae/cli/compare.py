@@ -20,7 +20,7 @@ from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
 from ppvae.cli.args import count_arg, seed_arg
 from ppvae.compare.grid import Comparison, GridSettings, check_grid, compare
-from ppvae.diagnostics.config import DiagnoseConfig
+from ppvae.diagnostics.config import DiagnoseConfig, part_configs
 from ppvae.errors import ConfigError
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.report.figures import image_grid
@@ -28,11 +28,13 @@ from ppvae.report.figures import image_grid
 __all__ = ["add_compare_args", "add_demo_args", "compare_command", "demo_command", "DEMO_GRID", "QUICK_DIAGNOSE"]
 
 # Cheap diagnostics for every cell of a grid (DiagnoseConfig.quick: gaps on 30 points, SBC 100, NUTS on 1 point
-# with 150 + 150 steps); the grid sets the importance samples itself.
+# with 150 + 150 steps); the grid sets the importance samples itself. Only the settings that differ from diagnose's
+# defaults are listed: they are part of each cell's cache key, which then stays the same when a new part is declared.
+_QUICK, _DEFAULT = DiagnoseConfig.quick().diagnose_kwargs(), DiagnoseConfig().diagnose_kwargs()
 QUICK_DIAGNOSE: dict[str, Any] = {
     k: v
-    for k, v in DiagnoseConfig.quick().diagnose_kwargs().items()
-    if k not in ("num_samples", "collapse", "gaps", "sbc", "reference")
+    for k, v in _QUICK.items()
+    if k != "num_samples" and k not in {c.part for c in part_configs()} and v != _DEFAULT[k]
 }
 
 # `ppvae demo`'s grid on the embedded digits (17 grey levels): 2 priors × 2 likelihoods × 2 guides.

@@ -12,19 +12,20 @@ import numpy as np
 import torch
 
 from ppvae._json import jsonable
+from ppvae._validate import COUNT, Interval, arg_type
 from ppvae.cli.args import seed_arg
 from ppvae.cli.runs import load_run, run_path, split_data
 from ppvae.diagnostics import arviz_io
-from ppvae.diagnostics.config import DiagnoseConfig
+from ppvae.diagnostics.config import DiagnoseConfig, part_configs, part_settings
 from ppvae.diagnostics.diagnosis import Diagnosis, diagnose
 from ppvae.diagnostics.evaluation import evaluate
 from ppvae.errors import ConfigError
 from ppvae.report.text import format_table
 
-__all__ = ["add_scoring_args", "evaluate_command", "diagnose_command"]
+__all__ = ["add_evaluate_args", "add_diagnose_args", "diagnose_config", "evaluate_command", "diagnose_command"]
 
 
-def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
+def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("run", help="run directory or model.pt (trained by ppvae train or ppvae demo)")
     p.add_argument(
         "--split",
@@ -34,7 +35,7 @@ def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--num-samples",
-        type=int,
+        type=arg_type("num_samples", Interval(whole=True, low=2)),
         default=DiagnoseConfig.num_importance_samples,
         help="importance samples S per datapoint (≥ 2; default %(default)s); log p̂ is IWAE_S",
     )
@@ -42,18 +43,58 @@ def add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the importance samples and every diagnostic")
 
 
-def _check_args(args: argparse.Namespace, minimums: dict[str, int]) -> None:
-    """Validate integer options and --out before anything is loaded or written."""
-    for name, low in minimums.items():
-        value = getattr(args, name)
-        if value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {low}, got {value}")
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``ppvae evaluate``."""
+    _add_scoring_args(p, "evaluation")
+    p.add_argument(
+        "--batch-size",
+        type=arg_type("batch_size", COUNT),
+        default=256,
+        help="datapoints per chunk; memory only (default %(default)s)",
+    )
+
+
+def add_diagnose_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``ppvae diagnose``: the scoring flags, ``--max-points``, and for every part declared in
+    :mod:`ppvae.diagnostics.config` a ``--no-<part>`` switch and a flag per setting that names one."""
+    _add_scoring_args(p, "diagnosis")
+    p.add_argument(
+        "--max-points",
+        type=arg_type("max_points", COUNT),
+        default=2000,
+        help="use at most this many datapoints of the split (default %(default)s): evenly spaced rows (the split "
+        "is already a seeded shuffle); all when the split is smaller",
+    )
+    settings = list(part_settings())
+    for config_class in part_configs():
+        p.add_argument(f"--no-{config_class.part}", action="store_true", help=f"skip {config_class.about}")
+        for owner, f, s in settings:
+            if owner is config_class and s.flag is not None:
+                p.add_argument(
+                    s.flag,
+                    dest=s.option,
+                    type=arg_type(s.option, s.constraint, parse=int if s.constraint.whole else float),
+                    metavar="N" if s.constraint.whole else "X",
+                    default=f.default,
+                    help=f"{s.help} (default %(default)s)",
+                )
+
+
+def diagnose_config(args: argparse.Namespace) -> DiagnoseConfig:
+    """The :class:`DiagnoseConfig` that ``ppvae diagnose``'s flags ask for."""
+    options: dict[str, object] = {c.part: not getattr(args, f"no_{c.part}") for c in part_configs()}
+    options.update({s.option: getattr(args, s.option) for _, _, s in part_settings() if s.flag is not None})
+    return DiagnoseConfig.from_options(num_samples=args.num_samples, **options)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that is a file before anything is loaded or written."""
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a directory to write into")
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    _check_args(args, {"num_samples": 2, "batch_size": 1})
+    _check_out(args)
     model, meta = load_run(args.run)
     path = run_path(args.run)
     x = split_data(meta, args.split, path, args.seed)
@@ -98,13 +139,9 @@ def _evaluation_rows(ev: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-# Smallest values the diagnose options accept (SBC's χ² test needs ≥ 10 simulations, R-hat ≥ 2 draws).
-_DIAGNOSE_MINIMUMS = dict(num_samples=2, max_points=1, gap_points=1, gap_steps=1, sbc_simulations=10)
-_DIAGNOSE_MINIMUMS.update(reference_points=1, reference_warmup=0, reference_samples=2)
-
-
 def diagnose_command(args: argparse.Namespace) -> None:
-    _check_args(args, _DIAGNOSE_MINIMUMS)
+    _check_out(args)
+    config = diagnose_config(args)
     model, meta = load_run(args.run)
     path = run_path(args.run)
     x = split_data(meta, args.split, path, args.seed)
@@ -112,22 +149,7 @@ def diagnose_command(args: argparse.Namespace) -> None:
     if args.max_points < n:  # evenly spaced rows: the split is already a seeded permutation of the dataset
         rows = np.unique(np.linspace(0, n - 1, args.max_points).round().astype(np.int64))
         x = x[torch.as_tensor(rows)]
-    diagnosis = diagnose(
-        model,
-        x,
-        num_samples=args.num_samples,
-        gaps=not args.no_gaps,
-        sbc=not args.no_sbc,
-        reference=not args.no_reference,
-        num_gap_points=args.gap_points,
-        gap_steps=args.gap_steps,
-        sbc_simulations=args.sbc_simulations,
-        num_reference_points=args.reference_points,
-        reference_warmup=args.reference_warmup,
-        reference_samples=args.reference_samples,
-        seed=args.seed,
-        split=args.split,
-    )
+    diagnosis = diagnose(model, x, config=config, seed=args.seed, split=args.split)
     source = {"run": str(path), "dataset": meta["dataset"], "split": args.split, "split_size": n}
     source["rows"] = "all" if len(x) == n else f"{len(x)} evenly spaced rows of {n}"
     _report_diagnosis(diagnosis, Path(args.out) if args.out else path.parent / "diagnosis", source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,11 @@ from torch import Tensor
 from ppvae._local_params import local_module_params
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import CollapseConfig
+from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import NotApplicable
 from ppvae.infer.pair import AmortizedEncoder
 
-__all__ = ["Collapse", "posterior_collapse", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
+__all__ = ["Collapse", "posterior_collapse", "run_part", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
 
 ACTIVE_THRESHOLD = 0.01  # Var_x E_q[z_d] above which a unit counts as active (Burda et al. 2015)
 COLLAPSED_NATS = 0.01  # KL per dimension below which a dimension counts as collapsed, nats
@@ -64,6 +66,29 @@ class Collapse:
             "marginal_kl": self.marginal_kl,
             "kl_per_dim": None if self.kl_per_dim is None else [float(v) for v in self.kl_per_dim],
         }
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """Rows of the diagnosis table: active units, collapsed dimensions, MI and marginal KL."""
+        c = self.summary()
+        rows = [("active units", f"{c['active_units']} / {c['latent_dim']}", f"Var_x E_q[z_d] > {ACTIVE_THRESHOLD}")]
+        if c["collapsed_dims"] is not None:
+            rows.append(("collapsed dims", str(len(c["collapsed_dims"])), f"KL_d < {COLLAPSED_NATS} nats"))
+        rows.append(
+            (
+                "MI | marginal KL",
+                f"{c['mutual_information']:.3f} | {c['marginal_kl']:.3f} nats",
+                f"I ≤ log M = {c['mutual_information_max']:.2f}",
+            )
+        )
+        return rows
+
+    def figures(self, directory: Path) -> dict[str, Path]:
+        """``kl_per_dim.png`` when the KL per dimension is known."""
+        if self.kl_per_dim is None:
+            return {}
+        from ppvae.report.figures import kl_per_dim_plot
+
+        return {"kl_per_dim": kl_per_dim_plot(self.kl_per_dim, Path(directory) / "kl_per_dim.png")}
 
 
 def _marginals(q: dist.Distribution) -> tuple[Tensor, Tensor] | None:
@@ -131,4 +156,11 @@ def posterior_collapse(
         mutual_information=kl_m - marginal_kl,
         marginal_kl=marginal_kl,
         num_points=m,
+    )
+
+
+def run_part(inputs: PartInput, config: CollapseConfig) -> Collapse:
+    """The ``collapse`` part of :func:`ppvae.diagnose`."""
+    return posterior_collapse(
+        inputs.model, inputs.x, num_points=config.num_points, num_samples=config.num_mc_draws, seed=inputs.seed
     )

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from ppvae._json import jsonable
-from ppvae._validate import Interval, check, check_seed
+from ppvae._validate import check_seed
 from ppvae.data import DynamicBinarized
 from ppvae.diagnostics import arviz_io
-from ppvae.diagnostics.config import DiagnoseConfig, GapsConfig, ReferenceConfig, SBCConfig
+from ppvae.diagnostics.config import DiagnoseConfig, part_configs, runner
 from ppvae.diagnostics.evaluation import Evaluation, evaluate
 from ppvae.diagnostics.findings import Finding
-from ppvae.errors import NotApplicable, PPVAEError, describe_out_of_memory, is_out_of_memory
+from ppvae.diagnostics.parts import PartInput
+from ppvae.errors import ConfigError, NotApplicable, PPVAEError, describe_out_of_memory, is_out_of_memory
 from ppvae.report.text import format_table
 
 __all__ = ["Diagnosis", "diagnose", "importance_ess"]
@@ -56,13 +57,16 @@ class Diagnosis:
     khat: np.ndarray
     khat_threshold: float
     ess_per_sample: np.ndarray
-    collapse: Any = None
-    gaps: Any = None
-    sbc: Any = None
-    reference: Any = None
+    parts: dict[str, Any] = field(default_factory=dict)  # part name → its result, for the parts that ran
     skipped: dict[str, str] = field(default_factory=dict)  # part → why it does not apply to this pair
     failed: dict[str, str] = field(default_factory=dict)  # part → the error it stopped with
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part
+
+    def __getattr__(self, name: str) -> Any:
+        # ``diagnosis.gaps``, ``diagnosis.sbc``, ...: a declared part's result, None when it did not run.
+        if name != "parts" and name in _part_names():
+            return self.parts.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def share_khat_above(self) -> float:
@@ -84,10 +88,8 @@ class Diagnosis:
             "khat_nan": int(np.isnan(self.khat).sum()),
             "ess_per_sample_median": float(np.nanmedian(self.ess_per_sample)),
         }
-        for name in ("collapse", "gaps", "sbc", "reference"):
-            part = getattr(self, name)
-            if part is not None:
-                out[name] = jsonable(part.summary())
+        for name, part in self.parts.items():
+            out[name] = jsonable(part.summary())
         out["findings"] = [f.to_dict() for f in self.findings()]
         out["skipped"] = dict(self.skipped)
         out["failed"] = dict(self.failed)
@@ -141,33 +143,8 @@ class Diagnosis:
             rows.append(("k̂ not computed", f"{d['khat_nan']} datapoints", "non-finite log-weights (see nonfinite)"))
         if ev["num_nonfinite"]:
             rows.insert(0, ("non-finite datapoints", str(ev["num_nonfinite"]), "left out of every mean below"))
-        if self.collapse is not None:
-            c = self.collapse.summary()
-            rows.append(("active units", f"{c['active_units']} / {c['latent_dim']}", "Var_x E_q[z_d] > 0.01"))
-            if c["collapsed_dims"] is not None:
-                rows.append(("collapsed dims", str(len(c["collapsed_dims"])), "KL_d < 0.01 nats"))
-            rows.append(
-                (
-                    "MI | marginal KL",
-                    f"{c['mutual_information']:.3f} | {c['marginal_kl']:.3f} nats",
-                    f"I ≤ log M = {c['mutual_information_max']:.2f}",
-                )
-            )
-        if self.gaps is not None:
-            g = self.gaps.summary()
-            rows.append(("amortization gap", _pm(g, "amortization"), "L[q*] − L[q]: encoder weakness"))
-            rows.append(("approximation gap", _pm(g, "approximation"), "log p̂ − L[q*]: family weakness"))
-        if self.sbc is not None:
-            p = self.sbc.p_value()
-            shown = "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # a χ² tail probability can underflow to 0
-            rows.append(("SBC p-value", shown, "calibrated" if p > 0.01 else "miscalibrated (p ≤ 0.01)"))
-        if self.reference is not None:
-            r = self.reference
-            rows.append(("NUTS reference R-hat max", f"{np.nanmax(r.rhat):.3f}", "< 1.01 converged"))
-            rows.append(
-                ("q vs NUTS |mean err|/sd", f"{np.nanmean(np.abs(r.metrics['mean_error_sd'])):.3f}", "0 when q matches")
-            )
-            rows.append(("q vs NUTS sd ratio", f"{np.nanmean(r.metrics['sd_ratio']):.3f}", "1 when q matches"))
+        for part in self.parts.values():
+            rows += part.rows() if hasattr(part, "rows") else []
         for name, why in self.skipped.items():
             rows.append((name, "skipped", why))
         for name, error in self.failed.items():
@@ -187,14 +164,16 @@ class Diagnosis:
             stats["log_weights"] = self.evaluation.log_weights.T[None]  # (chain = 1, draw = S, datapoint)
         per_point = self.evaluation.per_datapoint() | {"khat": self.khat, "ess_per_sample": self.ess_per_sample}
         groups: dict[str, dict[str, np.ndarray]] = {}
-        posterior = None
-        if self.reference is not None:
-            ref = self.reference
-            groups["reference_posterior"] = {"z": np.moveaxis(ref.draws, 0, 2)}  # (chain, draw, point, D)
-            posterior = {"z": ref.guide_draws.transpose(1, 0, 2)[None]}  # guide draws (1, L, point, D)
+        posterior: dict[str, np.ndarray] = {}
+        dims = {"log_weights": ["datapoint"]}
+        for part in self.parts.values():
+            extra = part.inference_data() if hasattr(part, "inference_data") else {}
+            groups.update(extra.get("groups", {}))
+            posterior.update(extra.get("posterior", {}))
+            dims.update(extra.get("dims", {}))
         return arviz_io.to_inference_data(
-            dims={"log_weights": ["datapoint"], "z": ["reference_point", "latent"]},
-            posterior=posterior,
+            dims=dims,
+            posterior=posterior or None,
             sample_stats=stats,
             per_datapoint=per_point,
             groups=groups,
@@ -211,19 +190,13 @@ class Diagnosis:
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
         paths["netcdf"] = arviz_io.save_netcdf(self.to_inference_data(), directory / "diagnosis.nc")
         paths["khat"] = plots.khat_plot(self.khat, self.khat_threshold, directory / "khat.png")
-        if self.collapse is not None and self.collapse.kl_per_dim is not None:
-            paths["kl_per_dim"] = plots.kl_per_dim_plot(self.collapse.kl_per_dim, directory / "kl_per_dim.png")
-        if self.sbc is not None:
-            from ppvae.diagnostics.sbc import sbc_plot
-
-            paths["sbc"] = sbc_plot(self.sbc, directory / "sbc.png")
-        if self.reference is not None:
-            paths["reference"] = plots.reference_plot(self.reference, directory / "reference.png")
+        for part in self.parts.values():
+            paths.update(part.figures(directory) if hasattr(part, "figures") else {})
         return paths
 
 
-def _pm(summary: dict, key: str) -> str:
-    return f"{summary[key]:.3f} ± {summary[key + '_se']:.3f} nats"
+def _part_names() -> set[str]:
+    return {c.part for c in part_configs()}
 
 
 def _one_line(err: Exception) -> str:
@@ -254,36 +227,31 @@ def diagnose(
     data: Any,
     *,
     guide: Callable | None = None,
-    num_samples: int = DiagnoseConfig.num_importance_samples,
-    collapse: bool = True,
-    gaps: bool = True,
-    sbc: bool = True,
-    reference: bool = True,
-    num_gap_points: int = GapsConfig.num_points,
-    gap_steps: int = GapsConfig.steps,
-    sbc_simulations: int = SBCConfig.num_simulations,
-    num_reference_points: int = ReferenceConfig.num_points,
-    reference_warmup: int = ReferenceConfig.num_warmup,
-    reference_samples: int = ReferenceConfig.num_nuts_draws,
+    num_samples: int | None = None,
+    config: DiagnoseConfig | None = None,
     data_plate: str = "data",
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     split: str | None = None,
+    **options: Any,
 ) -> Diagnosis:
     """Diagnose the posterior approximation of a model/guide pair on ``data``.
 
     Args:
         model, guide, data: as for :func:`ppvae.evaluate`. Dynamically binarized data
             (:class:`ppvae.data.DynamicBinarized`) are drawn once with ``seed``; every part sees that draw.
-        num_samples: importance samples per datapoint for log p̂, k̂ and ESS.
-        collapse, gaps, sbc, reference: which of the costlier diagnostics to run.
-            Every default comes from :mod:`ppvae.diagnostics.config`; ``diagnose(model, data,
-            **DiagnoseConfig(...).diagnose_kwargs())`` runs a configuration.
-        num_gap_points: datapoints for the amortization/approximation gaps (a per-datapoint optimization).
-        sbc_simulations: simulated datasets for simulation-based calibration of the guide.
-        num_reference_points, reference_warmup, reference_samples: datapoints for the NUTS reference posterior,
-            and warm-up and kept draws per chain (2 chains). NUTS is the costliest part: about
-            ``num_reference_points × 2 × (warmup + samples)`` trajectories of up to a few dozen gradient evaluations.
+        num_samples: importance samples per datapoint for log p̂, k̂ and ESS (default
+            ``DiagnoseConfig.num_importance_samples``, 1000).
+        config: a :class:`~ppvae.diagnostics.config.DiagnoseConfig`: which parts run and with which settings
+            (``DiagnoseConfig.quick()`` is the compare grid's preset). Or, instead, ``options``:
+        **options: a part's name switches it on or off (``collapse``, ``gaps``, ``sbc``, ``reference``: True by
+            default), and a setting's keyword sets it, each declared in :mod:`ppvae.diagnostics.config`:
+            ``num_gap_points``, ``gap_steps`` (amortization/approximation gaps, a per-datapoint optimization),
+            ``sbc_simulations`` (simulated datasets for simulation-based calibration of the guide),
+            ``num_reference_points``, ``reference_warmup``, ``reference_samples`` (datapoints for the NUTS reference
+            posterior, and warm-up and kept draws per chain, 2 chains; NUTS is the costliest part: about
+            ``num_reference_points × 2 × (warmup + samples)`` trajectories of up to a few dozen gradient
+            evaluations), and the others listed there.
         seed: seeds every part (the global RNG state is restored by the parts that sample).
         split: a label for reports ("test", "val").
 
@@ -294,17 +262,16 @@ def diagnose(
     """
     t0 = time.perf_counter()
     # Every setting is checked before any work starts: a mistake is the caller's error, never a skipped part.
-    counts = {
-        "num_gap_points": (num_gap_points, 1, gaps),
-        "gap_steps": (gap_steps, 1, gaps),
-        "sbc_simulations": (sbc_simulations, 10, sbc),
-        "num_reference_points": (num_reference_points, 1, reference),
-        "reference_warmup": (reference_warmup, 0, reference),
-        "reference_samples": (reference_samples, 2, reference),
-    }
-    for name, (value, low, used) in counts.items():
-        if used:
-            check(name, value, Interval(whole=True, low=low))
+    if config is not None and options:
+        raise ConfigError(
+            f"diagnose takes config= or part options ({', '.join(sorted(options))}), not both: set them in the config"
+        )
+    if config is None:
+        config = DiagnoseConfig.from_options(**options)
+    elif not isinstance(config, DiagnoseConfig):
+        raise ConfigError(f"config must be a ppvae.diagnostics.config.DiagnoseConfig, got {type(config).__name__}")
+    if num_samples is None:
+        num_samples = config.num_importance_samples
     data = _draw_once(data, seed)
     if isinstance(num_samples, int) and 2 <= num_samples < 100:
         warnings.warn(
@@ -333,49 +300,20 @@ def diagnose(
         ess_per_sample=importance_ess(lw),
         seconds=seconds,
     )
-    x = torch.as_tensor(data[0] if isinstance(data, tuple) else data)
-
-    def attempt(name: str, enabled: bool, run: Callable[[], Any]) -> None:
-        if not enabled:
-            return
+    inputs = PartInput(
+        model=model,
+        guide=guide,
+        x=torch.as_tensor(data[0] if isinstance(data, tuple) else data),
+        seed=seed,
+        evaluation=evaluation,
+    )
+    for name, part_config in config.parts():
         start = time.perf_counter()
         try:
-            setattr(result, name, run())
+            result.parts[name] = runner(type(part_config))(inputs, part_config)
         except NotApplicable as err:  # the diagnostic cannot run on this pair: say why
             result.skipped[name] = str(err)
         except Exception as err:  # noqa: BLE001 - one failing part must not lose the others; its error is kept
             result.failed[name] = _one_line(err)
         seconds[name] = time.perf_counter() - start
-
-    from ppvae.diagnostics.collapse import posterior_collapse
-
-    attempt("collapse", collapse, lambda: posterior_collapse(model, x, seed=seed))
-    if gaps:
-        from ppvae.diagnostics.gaps import inference_gaps
-
-        attempt(
-            "gaps",
-            True,
-            lambda: inference_gaps(model, x, guide=guide, num_points=num_gap_points, steps=gap_steps, seed=seed),
-        )
-    if sbc:
-        from ppvae.diagnostics.sbc import sbc as run_sbc
-
-        attempt("sbc", True, lambda: run_sbc(model, guide=guide, num_simulations=sbc_simulations, seed=seed))
-    if reference:
-        from ppvae.diagnostics.reference import reference_posterior
-
-        attempt(
-            "reference",
-            True,
-            lambda: reference_posterior(
-                model,
-                x,
-                guide=guide,
-                num_points=num_reference_points,
-                num_warmup=reference_warmup,
-                num_samples=reference_samples,
-                seed=seed,
-            ),
-        )
     return result

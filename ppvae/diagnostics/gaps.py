@@ -31,10 +31,11 @@ from ppvae._stats import mean_se
 from ppvae.blocks.guides import FullRankGuide, LowRankGuide, NormalGuide
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.config import GapsConfig
+from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.pair import as_pair
 
-__all__ = ["Gaps", "inference_gaps"]
+__all__ = ["Gaps", "inference_gaps", "run_part"]
 
 _FIELDS = ("log_px", "elbo_amortized", "elbo_local", "approximation", "amortization")
 _LINEAR_HEADS = (NormalGuide, LowRankGuide, FullRankGuide)  # exact types: q depends on h only through A h + c
@@ -75,6 +76,18 @@ class Gaps:
             out[name], out[f"{name}_se"] = mean_se(np.asarray(getattr(self, name)))
         out["num_samples"], out["converged"] = self.num_samples, self.converged
         return out
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """Rows of the diagnosis table: the two gaps, mean ± standard error."""
+        g = self.summary()
+
+        def pm(key: str) -> str:
+            return f"{g[key]:.3f} ± {g[key + '_se']:.3f} nats"
+
+        return [
+            ("amortization gap", pm("amortization"), "L[q*] − L[q]: encoder weakness"),
+            ("approximation gap", pm("approximation"), "log p̂ − L[q*]: family weakness"),
+        ]
 
 
 def inference_gaps(
@@ -286,3 +299,18 @@ def _converged(trace: np.ndarray) -> bool:
         )
         return False
     return True
+
+
+def run_part(inputs: PartInput, config: GapsConfig) -> Gaps:
+    """The ``gaps`` part of :func:`ppvae.diagnose`."""
+    return inference_gaps(
+        inputs.model,
+        inputs.x,
+        guide=inputs.guide,
+        num_points=config.num_points,
+        steps=config.steps,
+        lr=config.lr,
+        num_particles=config.num_particles,
+        num_samples=config.num_importance_samples,
+        seed=inputs.seed,
+    )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,11 @@ from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.diagnostics.config import ReferenceConfig
+from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.pair import as_pair, is_builtin_vae
 
-__all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics"]
+__all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics", "run_part"]
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
@@ -96,6 +98,30 @@ class ReferencePosterior:
             for k in range(len(self.index))
         ]
         return {"points": points, "converged": bool(self.converged().all())}
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """Rows of the diagnosis table: the worst R-hat and the guide's mean distances to the NUTS draws."""
+        m = self.metrics
+        return [
+            ("NUTS reference R-hat max", f"{np.nanmax(self.rhat):.3f}", f"< {RHAT_MAX} converged"),
+            ("q vs NUTS |mean err|/sd", f"{np.nanmean(np.abs(m['mean_error_sd'])):.3f}", "0 when q matches"),
+            ("q vs NUTS sd ratio", f"{np.nanmean(m['sd_ratio']):.3f}", "1 when q matches"),
+        ]
+
+    def figures(self, directory: Path) -> dict[str, Path]:
+        """``reference.png``: the guide's marginals against the NUTS draws."""
+        from ppvae.report.figures import reference_plot
+
+        return {"reference": reference_plot(self, Path(directory) / "reference.png")}
+
+    def inference_data(self) -> dict[str, Any]:
+        """NUTS draws as the group ``reference_posterior`` (``z (chain, draw, reference_point, latent)``) and the
+        guide's draws of the same datapoints as ``posterior`` (``z (1, L, reference_point, latent)``)."""
+        return {
+            "groups": {"reference_posterior": {"z": np.moveaxis(self.draws, 0, 2)}},
+            "posterior": {"z": self.guide_draws.transpose(1, 0, 2)[None]},
+            "dims": {"z": ["reference_point", "latent"]},
+        }
 
 
 def posterior_metrics(reference: np.ndarray, approx: np.ndarray) -> dict[str, np.ndarray]:
@@ -332,3 +358,18 @@ def _guide_draws(guide_fn: Callable, xk: Tensor, site: str, num: int) -> np.ndar
         if value.numel() != num * event.numel():  # a guide that does not broadcast over particles
             value = torch.stack([poutine.trace(guide_fn).get_trace(xk).nodes[site]["value"] for _ in range(num)])
     return value.reshape(num, -1).double().numpy()
+
+
+def run_part(inputs: PartInput, config: ReferenceConfig) -> ReferencePosterior:
+    """The ``reference`` part of :func:`ppvae.diagnose`."""
+    return reference_posterior(
+        inputs.model,
+        inputs.x,
+        guide=inputs.guide,
+        num_points=config.num_points,
+        num_chains=config.num_chains,
+        num_warmup=config.num_warmup,
+        num_samples=config.num_nuts_draws,
+        num_guide_samples=config.num_guide_draws,
+        seed=inputs.seed,
+    )

@@ -27,10 +27,11 @@ from torch import Tensor
 from ppvae._local_params import local_module_params
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
+from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, NotApplicable
 from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
 
-__all__ = ["SBCResult", "sbc", "sbc_plot"]
+__all__ = ["SBCResult", "sbc", "sbc_plot", "run_part"]
 
 _PARTICLES = "_ppvae_sbc_particles"
 
@@ -61,6 +62,16 @@ class SBCResult:
     def p_value(self) -> float:
         """Overall p-value: Bonferroni-adjusted minimum over dimensions, min(1, D · min_d p_d)."""
         return float(min(1.0, len(self.p_values) * float(np.min(self.p_values))))
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """The diagnosis table's row: the overall p-value and what it says."""
+        p = self.p_value()
+        shown = "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # a χ² tail probability can underflow to 0
+        return [("SBC p-value", shown, "calibrated" if p > 0.01 else "miscalibrated (p ≤ 0.01)")]
+
+    def figures(self, directory: Path) -> dict[str, Path]:
+        """``sbc.png``: the rank histograms."""
+        return {"sbc": sbc_plot(self, Path(directory) / "sbc.png")}
 
     def summary(self) -> dict[str, Any]:
         """JSON-serializable summary. Per dimension: p-value, mean and sd of the normalized rank r / L.
@@ -232,3 +243,15 @@ def sbc_plot(result: SBCResult, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def run_part(inputs: PartInput, config: SBCConfig) -> SBCResult:
+    """The ``sbc`` part of :func:`ppvae.diagnose` (it simulates its own data: ``inputs.x`` is not used)."""
+    return sbc(
+        inputs.model,
+        guide=inputs.guide,
+        num_simulations=config.num_simulations,
+        num_draws=config.num_draws,
+        batch_size=config.batch_size,
+        seed=inputs.seed,
+    )
