@@ -1,13 +1,16 @@
 """``ppvae.diagnose``: PSIS k̂ per datapoint against known good and bad guides, the report, ArviZ export."""
 
+import dataclasses
 import json
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 
 import ppvae
+import ppvae.diagnostics.config
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import importance_ess
 from ppvae.errors import ConfigError, NotApplicable
@@ -323,8 +326,6 @@ def test_sbc_on_a_pair_without_a_generation_path_is_skipped_not_failed():
 
 def test_parts_are_declared_once_and_reach_diagnose_the_cli_and_the_grid():
     """A part is its config class in DiagnoseConfig: diagnose runs it, the CLI has its flags, the grid checks it."""
-    import dataclasses
-
     from ppvae.cli import app
     from ppvae.cli.scoring import diagnose_config
     from ppvae.diagnostics import config
@@ -358,3 +359,49 @@ def test_diagnose_takes_a_config_or_options_not_both():
     assert d.parts == {} and d.gaps is None and set(d.seconds) == {"evaluate_psis"}
     with pytest.raises(AttributeError):
         d.not_a_part  # noqa: B018
+
+
+@dataclasses.dataclass
+class _ToyResult:
+    """A new diagnostic's result: the mean ELBO it was handed, and a row for the report."""
+
+    mean_elbo: float
+
+    def summary(self):
+        return {"mean_elbo": self.mean_elbo}
+
+    def rows(self):
+        return [("toy part", f"{self.mean_elbo:.3f}", "the ELBO it read")]
+
+
+def _toy_run(inputs, config):
+    if config.fail:
+        raise ValueError("toy part broke")
+    return _ToyResult(float(np.mean(inputs.evaluation.elbo)) * config.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyConfig:
+    part: ClassVar[str] = "toy"
+    runner: ClassVar[str] = "tests.test_diagnostics:_toy_run"
+    about: ClassVar[str] = "a toy"
+    factor: float = 1.0
+    fail: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithToy(ppvae.diagnostics.config.DiagnoseConfig):
+    toy: _ToyConfig | None = dataclasses.field(default_factory=_ToyConfig)
+
+
+def test_a_new_part_needs_only_its_config_and_runner(tmp_path):
+    """A part declared outside ppvae (config class + runner) runs in diagnose, reaches the JSON, the table and the
+    failed list, with no change to diagnosis.py."""
+    only_toy = dict(collapse=None, gaps=None, sbc=None, reference=None)
+    d = ppvae.diagnose(exact_vae(), X, config=_WithToy(**only_toy, toy=_ToyConfig(factor=2.0)), num_samples=200)
+    assert d.toy.mean_elbo == pytest.approx(2 * d.evaluation.elbo.mean())
+    assert d.to_dict()["toy"] == {"mean_elbo": pytest.approx(d.toy.mean_elbo)}
+    assert ("toy part", f"{d.toy.mean_elbo:.3f}", "the ELBO it read") in d.table() and "toy" in d.seconds
+    assert "toy" in json.loads(d.save(tmp_path)["json"].read_text())
+    broken = ppvae.diagnose(exact_vae(), X, config=_WithToy(**only_toy, toy=_ToyConfig(fail=True)), num_samples=200)
+    assert broken.failed == {"toy": "ValueError: toy part broke"} and broken.toy is None

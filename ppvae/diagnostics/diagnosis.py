@@ -64,7 +64,9 @@ class Diagnosis:
 
     def __getattr__(self, name: str) -> Any:
         # ``diagnosis.gaps``, ``diagnosis.sbc``, ...: a declared part's result, None when it did not run.
-        if name != "parts" and name in _part_names():
+        if name in ("parts", "skipped", "failed"):  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        if name in _part_names() or any(name in self.__dict__.get(k, {}) for k in ("parts", "skipped", "failed")):
             return self.parts.get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
