@@ -8,13 +8,14 @@ from ppvae import data
 from ppvae._version import __version__
 from ppvae.diagnostics import Diagnosis, Evaluation, diagnose, evaluate
 from ppvae.errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
-from ppvae.infer import FitResult, fit
+from ppvae.infer import FitConfig, FitResult, fit
 from ppvae.io import load, save
 from ppvae.vae import VAE
 
 __all__ = [
     "VAE",
     "fit",
+    "FitConfig",
     "FitResult",
     "evaluate",
     "Evaluation",

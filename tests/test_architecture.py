@@ -17,7 +17,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (1, "data", ("data",)),
     (1, "report", ("report",)),
     (2, "blocks", ("blocks",)),
-    (3, "model", ("vae", "io")),
+    (3, "model", ("vae", "io", "run_meta")),
     (4, "infer", ("infer",)),
     (5, "diagnostics", ("diagnostics",)),
     (6, "compare", ("compare",)),

@@ -364,3 +364,22 @@ def test_rows_with_zero_probability_rank_last_and_nan_rows_are_not_ranked():
     assert np.isnan(df.loc["nan", "rank"]) and "not ranked" in df.loc["nan", "warnings"]
     assert "zero probability" in df.loc["zero", "warnings"] and df.loc["good", "num_compared"] == 50
     assert df.loc["worse", "delta_per_point"] == pytest.approx(-1.0)
+
+
+def test_only_the_builtin_vae_is_scored_through_a_view_by_levels(digits, tmp_path):
+    """The pair adapter decides: a ppvae.VAE's Normal is scored by its bins (a mass, with latent means and images);
+    a subclass with its own model may not read x through its likelihood, so it is scored as it is (a density)."""
+
+    class OwnModel(ppvae.VAE):
+        def model(self, x=None, batch_size=None):
+            return super().model(x, batch_size)
+
+    nets = dict(encoder={"name": "mlp", "kwargs": {"hidden": [8]}}, decoder={"name": "mlp", "kwargs": {"hidden": [8]}})
+    builtin = compare_cells.score(ppvae.VAE(digits.data_shape, 2, likelihood="normal", **nets), digits, TINY, seed=0,
+                                  directory=tmp_path)  # fmt: skip
+    assert builtin["scored_as"] == "cdf" and "probability mass" in builtin["group"]
+    assert {"z_mean", "reconstructions", "samples"} <= set(np.load(tmp_path / "arrays.npz").files)
+    own = compare_cells.score(OwnModel(digits.data_shape, 2, likelihood="normal", **nets), digits, TINY, seed=0,
+                              directory=tmp_path)  # fmt: skip
+    assert own["scored_as"] is None and "density" in own["group"]
+    assert "z_mean" not in np.load(tmp_path / "arrays.npz").files

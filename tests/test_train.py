@@ -455,3 +455,22 @@ def test_progress_in_a_notebook_without_ipywidgets_uses_the_text_bar(monkeypatch
     )
     assert callbacks._bar_class() is tqdm.std.tqdm
     assert not recwarn.list  # no "IProgress not found"
+
+
+def test_a_vae_with_another_guide_trains_with_that_guide():
+    """fit(vae, guide=g): the direct ELBO stands in only for the VAE's own guide; g must be the guide trained with."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    vae = ppvae.VAE((3,), 2, likelihood="normal", encoder={"name": "mlp", "kwargs": {"hidden": [8]}},
+                    decoder={"name": "mlp", "kwargs": {"hidden": [8]}})  # fmt: skip
+    calls = []
+
+    def guide(x, batch_size=None):
+        calls.append(len(x))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    for net in (vae.encoder, vae.guide_head):  # the VAE's own guide is not used: frozen, as fit advises
+        net.requires_grad_(False)
+    ppvae.fit(vae, x, guide=guide, epochs=2, batch_size=32, progress=False, seed=0)
+    assert sum(calls) >= 2 * 64  # every training batch went through g

@@ -7,6 +7,7 @@ User errors print one line and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -27,13 +28,15 @@ from ppvae.blocks.guides import GUIDES
 from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import default_likelihood, parse_block, with_levels
-from ppvae.cli.args import count_arg, seed_arg
+from ppvae.cli.args import count_arg, fit_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
 from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_command, evaluate_command
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
+from ppvae.infer.config import ON_NONFINITE, FitConfig
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.infer.train import fit
+from ppvae.run_meta import RunMeta
 from ppvae.vae import VAE
 
 __all__ = ["main"]
@@ -63,13 +66,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="mlp", help="mlp or conv")
     p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=16)
     p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
-    p.add_argument("--objective", choices=OBJECTIVES, default="elbo")
-    p.add_argument("--num-particles", type=count_arg("num_particles"), default=1)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
-    p.add_argument("--patience", type=count_arg("patience"), default=None)
-    p.add_argument("--clip-norm", type=float, default=None)
-    p.add_argument("--device", default="auto")
+    # Training flags: the names, checks and defaults of FitConfig.cli() (fit's, but 20 epochs where fit does 10).
+    defaults = FitConfig.cli()
+    p.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    p.add_argument("--num-particles", type=fit_arg("num_particles"), default=defaults.num_particles)
+    p.add_argument("--beta", type=fit_arg("beta"), default=defaults.beta, help="weight of the KL term, β·KL")
+    p.add_argument(
+        "--kl-warmup", type=fit_arg("kl_warmup"), default=defaults.kl_warmup, help="epochs of linear KL warm-up"
+    )
+    p.add_argument("--patience", type=fit_arg("patience"), default=defaults.patience)
+    p.add_argument("--clip-norm", type=fit_arg("clip_norm"), default=defaults.clip_norm)
+    p.add_argument("--device", default=defaults.device)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -78,15 +85,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--on-nonfinite",
-        choices=["raise", "skip"],
-        default="raise",
+        choices=ON_NONFINITE,
+        default=defaults.on_nonfinite,
         help="a NaN/Inf loss or gradient stops training with the weights from before that batch, saved in "
         "OUT/checkpoints/nonfinite.pt (raise, the default), or skips the batch, counted in the history (skip)",
     )
-    p.add_argument("--epochs", type=count_arg("epochs"), default=20)
-    p.add_argument("--batch-size", type=count_arg("batch_size"), default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=seed_arg, default=0)
+    p.add_argument("--epochs", type=fit_arg("epochs"), default=defaults.epochs, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=fit_arg("batch_size"), default=defaults.batch_size)
+    p.add_argument("--lr", type=fit_arg("lr"), default=defaults.lr, help="Adam learning rate (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=defaults.seed)
     p.add_argument("--out", default="runs/train", help="run directory to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -142,23 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The training flags as a :class:`FitConfig` (the flags' names are its fields')."""
+    return FitConfig(**{name: getattr(args, name) for name in FitConfig.names() if name != "vectorize_particles"})
+
+
 def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.DataSplits]:
+    config = _fit_config(args)
     splits = datamod.load(args.dataset, binarize=args.binarize, seed=args.seed)
     out = Path(args.out)  # created by fit once the data and model are known to be good: nothing half-written
-    meta: dict[str, Any] = {
-        "dataset": splits.name,
-        "data_shape": list(splits.data_shape),
-        "levels": splits.levels,
-        "binarize": splits.binarize,
-        "preprocessing": splits.preprocessing,
-        "latent_dim": args.latent_dim,
-        "seed": args.seed,
-    }
+    meta = RunMeta.of_data(splits, latent_dim=args.latent_dim, seed=args.seed)
     # The initial weights come from torch's global RNG: seed it first, so one --seed reproduces the whole run.
     pyro.set_rng_seed(args.seed)
     if args.model:
         model = build_from_file(args.model, splits.data_shape, args.latent_dim)
-        meta["model_file"] = str(Path(args.model).resolve())
+        meta = dataclasses.replace(meta, model_file=str(Path(args.model).resolve()))
     else:
         likelihood = args.likelihood or default_likelihood(splits)
         model = VAE(
@@ -174,28 +179,17 @@ def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.Dat
     result = fit(
         model,
         splits.train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        objective=args.objective,
-        num_particles=args.num_particles,
-        beta=args.beta,
-        kl_warmup=args.kl_warmup,
         val_data=splits.val,
-        patience=args.patience,
-        clip_norm=args.clip_norm,
-        seed=args.seed,
-        device=args.device,
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,
         progress=not args.no_progress,
-        on_nonfinite=args.on_nonfinite,
+        config=config,
     )
     seconds = time.perf_counter() - t0
     model.to("cpu")
     summary = _summary(model, splits, result, seconds)
-    meta.update(history=result.history, summary=summary)
-    io.save(model, out / "model.pt", meta=meta, optimizer=result.optimizer)
+    meta = dataclasses.replace(meta, history=result.history, summary=summary)
+    io.save(model, out / "model.pt", meta=meta.to_dict(), optimizer=result.optimizer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary, model, splits
 
@@ -265,13 +259,13 @@ def _sample(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num must be ≥ 1, got {args.num}")
     model, meta = load_run(args.run)
     out = Path(args.out) if args.out else run_path(args.run).parent / "samples.png"
-    written = write_samples(model, meta.get("data_shape", []), out, args.num, args.seed)
+    written = write_samples(model, RunMeta.from_dict(meta).data_shape or [], out, args.num, args.seed)
     print(f"wrote {args.num} samples to {written}")
 
 
 def _info(args: argparse.Namespace) -> None:
     obj = io.read(run_path(args.run))
-    meta = obj.get("meta", {})
+    meta = RunMeta.from_dict(obj.get("meta"))
     print(f"{run_path(args.run)}: ppvae file v{obj['version']}, {obj.get('kind')} ({obj.get('class')})")
     if obj.get("config"):
         cfg = obj["config"]
@@ -283,14 +277,14 @@ def _info(args: argparse.Namespace) -> None:
     kind = "" if "state_dict" in obj or not weights else f" in {len(weights)} Pyro parameters"
     print(f"  weights     {n:,} numbers{kind}")
     for key in ("dataset", "binarize", "levels", "model_file"):
-        if meta.get(key) is not None:
-            print(f"  {key:11s} {meta[key]}")
-    history = meta.get("history", [])
+        if getattr(meta, key) is not None:
+            print(f"  {key:11s} {getattr(meta, key)}")
+    history = meta.history or []
     if history:
         last = history[-1]
         val = f", val ELBO {last['val_elbo']:.3f}" if last.get("val_elbo") is not None else ""
         print(f"  trained     {len(history)} epochs, last train loss {last['train_loss']:.3f}{val}")
-    for key, value in meta.get("summary", {}).items():
+    for key, value in (meta.summary or {}).items():
         if key.endswith("elbo"):
             print(f"  {key:11s} {value}")
 

@@ -4,8 +4,9 @@ error (before anything is loaded or written) that says what the library would ha
 from __future__ import annotations
 
 from ppvae._validate import COUNT, SEED, Interval, arg_type
+from ppvae.infer.config import CONSTRAINTS
 
-__all__ = ["seed_arg", "count_arg", "whole_arg"]
+__all__ = ["seed_arg", "count_arg", "whole_arg", "fit_arg"]
 
 #: ``--seed``: a whole number in [0, 2^32 − 1].
 seed_arg = arg_type("seed", SEED)
@@ -19,3 +20,12 @@ def count_arg(name: str) -> object:
 def whole_arg(name: str, low: int) -> object:
     """A whole number ≥ ``low`` for the flag ``name``."""
     return arg_type(name, Interval(whole=True, low=low))
+
+
+def fit_arg(name: str) -> object:
+    """The flag for the fit setting ``name`` (``"lr"``, ``"beta"``, ...): the values :class:`ppvae.FitConfig` and
+    ``fit`` accept (:data:`ppvae.infer.config.CONSTRAINTS`), refused with their message. A flag left out is the
+    setting's default, so None is not among the values it parses."""
+    allowed = [c for c in CONSTRAINTS[name] if c is not None]
+    whole = all(isinstance(c, Interval) and c.whole for c in allowed)
+    return arg_type(name, *allowed, parse=int if whole else float)

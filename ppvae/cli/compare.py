@@ -18,8 +18,8 @@ from ppvae.blocks.guides import GUIDES
 from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
-from ppvae.cli.args import count_arg, seed_arg
-from ppvae.compare.grid import Comparison, GridSettings, check_grid, compare
+from ppvae.cli.args import count_arg, fit_arg, seed_arg
+from ppvae.compare.grid import Cell, Comparison, GridSettings, check_grid, compare
 from ppvae.diagnostics.config import DiagnoseConfig, part_configs
 from ppvae.errors import ConfigError
 from ppvae.infer.objectives import OBJECTIVES
@@ -59,7 +59,7 @@ DEMO_SETTINGS = GridSettings(
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--epochs", type=count_arg("epochs"), default=DEMO_SETTINGS.epochs, help="most epochs per cell (early stopping)"
+        "--epochs", type=fit_arg("epochs"), default=DEMO_SETTINGS.epochs, help="most epochs per cell (early stopping)"
     )
     p.add_argument(
         "--jobs", type=count_arg("jobs"), default=None, help="cells in parallel (default: 2 where there are 2 cores)"
@@ -112,21 +112,27 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
         help=f"space-separated; of {', '.join(LIKELIHOODS.names())}, or default (the data's own, as ppvae train)",
     )
     p.add_argument("--guides", nargs="+", default=["normal"], help=f"space-separated; of {', '.join(GUIDES.names())}")
-    p.add_argument("--objectives", nargs="+", default=["elbo"], choices=OBJECTIVES)
+    p.add_argument("--objectives", nargs="+", default=[Cell.objective], choices=OBJECTIVES)
     p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0])
-    p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=16)
+    p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=GridSettings.latent_dim)
     p.add_argument("--encoder", default="mlp", help="shared by every cell (options: mlp:hidden=[256,128])")
     p.add_argument("--decoder", default="mlp", help="shared by every cell")
-    p.add_argument("--epochs", type=count_arg("epochs"), default=20)
-    p.add_argument("--batch-size", type=count_arg("batch_size"), default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    # Training flags: GridSettings' defaults, which are FitConfig.cli()'s (as ppvae train's), with fit's checks.
+    p.add_argument("--epochs", type=fit_arg("epochs"), default=GridSettings.epochs)
+    p.add_argument("--batch-size", type=fit_arg("batch_size"), default=GridSettings.batch_size)
+    p.add_argument("--lr", type=fit_arg("lr"), default=GridSettings.lr)
     p.add_argument(
         "--num-particles",
-        type=count_arg("num_particles"),
-        default=1,
+        type=fit_arg("num_particles"),
+        default=GridSettings.num_particles,
         help="particles per step (the iwae objective's K)",
     )
-    p.add_argument("--patience", type=count_arg("patience"), default=None, help="early stopping on the validation ELBO")
+    p.add_argument(
+        "--patience",
+        type=fit_arg("patience"),
+        default=GridSettings.patience,
+        help="early stopping on the validation ELBO",
+    )
     p.add_argument(
         "--num-samples",
         type=count_arg("num_samples"),

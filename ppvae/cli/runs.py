@@ -1,4 +1,5 @@
-"""Saved runs of ``ppvae train``: where the model file is, how to rebuild the model, and the data it was trained on."""
+"""Saved runs of ``ppvae train``: where the model file is, how to rebuild the model, and the data it was trained on
+(its :class:`~ppvae.run_meta.RunMeta`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from ppvae import data as datamod
 from ppvae import io
 from ppvae.errors import ConfigError, DataError
+from ppvae.run_meta import RunMeta
 
 __all__ = ["run_path", "load_run", "load_model_file", "build_from_file", "split_data"]
 
@@ -52,32 +54,45 @@ def run_path(run: str) -> Path:
 
 
 def load_run(run: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model of a saved run (a VAE from config, a model file's module via its build function)."""
+    """Rebuild the model of a saved run (a VAE from config, a model file's module via its build function).
+
+    Returns the model and the run's metadata as stored (a dict; :meth:`ppvae.run_meta.RunMeta.from_dict` reads it).
+    """
     path = run_path(run)
     obj = io.read(path)
-    meta = obj.get("meta", {})
+    stored = obj.get("meta") or {}
     if obj.get("kind") == "vae":
-        return io.load(path), meta
-    if "model_file" in meta:
-        model = build_from_file(meta["model_file"], meta["data_shape"], meta["latent_dim"])
-        return io.load(path, model=model), meta
+        return io.load(path), stored
+    meta = RunMeta.from_dict(stored)
+    if meta.model_file is not None:
+        if meta.data_shape is None or meta.latent_dim is None:
+            raise ConfigError(
+                f"{path} names the model file {meta.model_file} but records no data_shape or latent_dim to build it "
+                "with; load it in Python with ppvae.load(path, model=...)"
+            )
+        model = build_from_file(meta.model_file, meta.data_shape, meta.latent_dim)
+        return io.load(path, model=model), stored
     raise ConfigError(
         f"{path} holds a custom model without a model file; load it in Python with ppvae.load(path, model=...)"
     )
 
 
-def split_data(meta: dict, split: str, path: Path, seed: int) -> torch.Tensor:
-    """A split of the run's dataset, loaded and preprocessed as in training (same split seed and binarization)."""
-    if "dataset" not in meta or "data_shape" not in meta:
+def split_data(meta: RunMeta | dict, split: str, path: Path, seed: int) -> torch.Tensor:
+    """A split of the run's dataset, loaded and preprocessed as in training (same split seed and binarization).
+
+    ``meta``: the run's :class:`RunMeta`, or its stored dict. A file without a split seed (older ones) used 0.
+    """
+    meta = meta if isinstance(meta, RunMeta) else RunMeta.from_dict(meta)
+    if meta.dataset is None or meta.data_shape is None:
         raise ConfigError(
             f"{path} records no dataset (saved outside ppvae train); score it in Python with "
             "ppvae.evaluate(model, data) or ppvae.diagnose(model, data)"
         )
-    splits = datamod.load(meta["dataset"], binarize=meta.get("binarize"), seed=meta.get("seed", 0))
-    if list(splits.data_shape) != list(meta["data_shape"]):
+    splits = datamod.load(meta.dataset, binarize=meta.binarize, seed=meta.seed if meta.seed is not None else 0)
+    if list(splits.data_shape) != list(meta.data_shape):
         raise DataError(
-            f"dataset {meta['dataset']!r} now holds datapoints of shape {list(splits.data_shape)}, but the run was "
-            f"trained on shape {meta['data_shape']}; restore the training data"
+            f"dataset {meta.dataset!r} now holds datapoints of shape {list(splits.data_shape)}, but the run was "
+            f"trained on shape {meta.data_shape}; restore the training data"
         )
     x = getattr(splits, split)
     if x is None or len(x) == 0:

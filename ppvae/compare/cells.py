@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,11 @@ from ppvae.data import DataSplits
 from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import diagnose
 from ppvae.errors import ConfigError
+from ppvae.infer.config import FitConfig
+from ppvae.infer.pair import as_pair
 from ppvae.infer.train import fit
 from ppvae.io import load, read, save
+from ppvae.run_meta import RunMeta
 from ppvae.vae import VAE
 
 __all__ = [
@@ -65,6 +68,9 @@ __all__ = [
 
 _IMAGES = 8  # originals, reconstructions and samples kept per image cell
 
+# A cell trains as `ppvae train` does: the command line's preset is the source of the grid's training defaults.
+_FIT = FitConfig.cli()
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -74,7 +80,7 @@ class Cell:
     prior: str | dict = "normal"
     likelihood: str | dict | None = None
     guide: str | dict = "normal"
-    objective: str = "elbo"
+    objective: str = _FIT.objective
     seed: int = 0
 
     def label(self, *, objective: bool = False, seed: bool = False) -> str:
@@ -90,20 +96,36 @@ class GridSettings:
 
     ``num_samples``: importance samples S per test datapoint (log p̂ is IWAE_S). ``max_test_points``: evenly spaced
     test rows scored (the same rows for every cell, so differences are paired). ``diagnose``: keyword arguments of
-    :func:`ppvae.diagnose` (``num_gap_points``, ``reference=False``, ...).
+    :func:`ppvae.diagnose` (``num_gap_points``, ``reference=False``, ...). The training fields' defaults are
+    :meth:`ppvae.FitConfig.cli`'s; every other fit setting of a cell is that preset's too (:meth:`fit_config`).
     """
 
     latent_dim: int = 16
     encoder: str | dict = "mlp"
     decoder: str | dict = "mlp"
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    num_particles: int = 1
-    patience: int | None = None
+    epochs: int = _FIT.epochs
+    batch_size: int = _FIT.batch_size
+    lr: float = _FIT.lr
+    num_particles: int = _FIT.num_particles
+    patience: int | None = _FIT.patience
     num_samples: int = 1000
     max_test_points: int = 2000
     diagnose: dict = field(default_factory=dict)
+
+    def fit_config(self, cell: Cell) -> FitConfig:
+        """How ``cell`` is trained: these settings' budget and optimizer, the cell's objective and seed, on the CPU
+        (the same numbers whatever the machine has), everything else :meth:`ppvae.FitConfig.cli`'s."""
+        return replace(
+            _FIT,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            num_particles=self.num_particles,
+            patience=self.patience,
+            objective=cell.objective,
+            seed=cell.seed,
+            device="cpu",
+        )
 
 
 def data_fingerprint(splits: DataSplits) -> str:
@@ -337,17 +359,10 @@ def _run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory:
                 model,
                 splits.train,
                 val_data=splits.val,
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                objective=cell.objective,
-                num_particles=settings.num_particles,
-                patience=settings.patience,
-                seed=cell.seed,
-                device="cpu",
                 checkpoint_dir=directory / "checkpoints",
                 resume=True,
                 progress=False,
+                config=settings.fit_config(cell),
             ).history
             save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, history))
         result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
@@ -366,26 +381,18 @@ def _trained(directory: Path) -> tuple[VAE, list] | None:
         return None
     try:
         obj = read(path)
-        return load(path), obj.get("meta", {}).get("history", [])
+        return load(path), RunMeta.from_dict(obj.get("meta")).history or []
     except Exception:  # noqa: BLE001 - a half-written or foreign file: train again
         return None
 
 
 def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: list) -> dict[str, Any]:
     """What ``ppvae evaluate/diagnose/sample`` need to reload the cell's data: it is a run like ``ppvae train``'s."""
-    return jsonable(
-        {
-            "dataset": splits.name,
-            "data_shape": list(splits.data_shape),
-            "levels": splits.levels,
-            "binarize": splits.binarize,
-            "preprocessing": splits.preprocessing,
-            "latent_dim": settings.latent_dim,
-            "seed": splits.preprocessing.get("seed", 0),
-            "cell": asdict(cell),
-            "history": history,
-        }
-    )
+    meta = RunMeta.of_data(
+        splits, latent_dim=settings.latent_dim, seed=splits.preprocessing.get("seed", 0), cell=asdict(cell),
+        history=history,
+    )  # fmt: skip
+    return jsonable(meta.to_dict())
 
 
 def score(
@@ -397,7 +404,10 @@ def score(
 
     rows = test_rows(len(splits.test), settings.max_test_points)
     x = splits.test[torch.as_tensor(rows)]
-    scored = scoring_view(model, levels=splits.levels) if isinstance(model, VAE) and splits.levels else model
+    # Only an unmodified ppvae.VAE is known to score x through its own likelihood, so only its view by levels (and
+    # its encoder, reconstructions and samples below) can be trusted; any other pair is scored as it is.
+    vae = model if as_pair(model, guide, what="compare").is_builtin_vae else None
+    scored = scoring_view(vae, levels=splits.levels) if vae is not None and splits.levels else model
     with warnings.catch_warnings(record=True) as caught:  # kept with the cell, shown in its row of the table
         warnings.simplefilter("always")
         d = diagnose(
@@ -410,14 +420,14 @@ def score(
     out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)
     arrays: dict[str, np.ndarray] = {"rows": rows, "log_px": ev.log_px, "elbo": ev.elbo, "khat": d.khat}
-    if isinstance(model, VAE):
+    if vae is not None:
         with torch.no_grad():
-            arrays["z_mean"] = model.encode(x).mean.reshape(len(x), -1).double().numpy()
+            arrays["z_mean"] = vae.encode(x).mean.reshape(len(x), -1).double().numpy()
             if len(splits.data_shape) == 3:  # images (C, H, W): a few originals, reconstructions, samples
                 with fork_rngs(seed):
                     arrays["originals"] = x[:_IMAGES].numpy()
-                    arrays["reconstructions"] = model.reconstruct(x[:_IMAGES]).numpy()
-                    arrays["samples"] = model.generate(_IMAGES).numpy()
+                    arrays["reconstructions"] = vae.reconstruct(x[:_IMAGES]).numpy()
+                    arrays["samples"] = vae.generate(_IMAGES).numpy()
     if splits.test_labels is not None:
         arrays["labels"] = splits.test_labels[torch.as_tensor(rows)].numpy()
     np.savez(directory / "arrays.npz", **arrays)

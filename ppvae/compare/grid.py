@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ppvae._fs import locked_dir
-from ppvae._validate import check_seed
+from ppvae._validate import check, check_seed
 from ppvae.blocks.specs import default_likelihood, short_spec
 from ppvae.compare.cells import (
     Cell,
@@ -60,6 +60,7 @@ from ppvae.compare.table import COLUMNS, build_table, verdict
 from ppvae.data import DataSplits
 from ppvae.diagnostics.config import DiagnoseConfig
 from ppvae.errors import ConfigError, PPVAEError
+from ppvae.infer.config import CONSTRAINTS, FitConfig
 
 __all__ = ["Comparison", "COLUMNS", "check_grid", "combine", "compare", "Cell", "GridSettings"]
 
@@ -156,7 +157,7 @@ def compare(
     priors: Sequence[str | dict] = ("normal",),
     likelihoods: Sequence[str | dict | None] = (None,),
     guides: Sequence[str | dict] = ("normal",),
-    objectives: Sequence[str] = ("elbo",),
+    objectives: Sequence[str] = (FitConfig().objective,),
     seeds: Sequence[int] = (0,),
     models: dict[str, Any] | None = None,
     settings: GridSettings | None = None,
@@ -241,7 +242,7 @@ def check_grid(
     priors: Sequence[str | dict] = ("normal",),
     likelihoods: Sequence[str | dict | None] = (None,),
     guides: Sequence[str | dict] = ("normal",),
-    objectives: Sequence[str] = ("elbo",),
+    objectives: Sequence[str] = (FitConfig().objective,),
     seeds: Sequence[int] = (0,),
     models: dict[str, Any] | None = None,
     settings: GridSettings | None = None,
@@ -287,16 +288,12 @@ def check_grid(
 
 def _check_settings(settings: GridSettings, data: DataSplits) -> None:
     """Refuse a GridSettings value that fit, evaluate or diagnose would refuse in every cell, before any trains."""
-    whole = {"latent_dim": 1, "epochs": 1, "batch_size": 1, "num_particles": 1, "num_samples": 2, "max_test_points": 1}
-    if settings.patience is not None:
-        whole["patience"] = 1
-    for name, low in whole.items():
+    for name in ("epochs", "batch_size", "lr", "num_particles", "patience"):  # fit's settings: FitConfig's checks
+        check(f"GridSettings.{name}", getattr(settings, name), *CONSTRAINTS[name])
+    for name, low in {"latent_dim": 1, "num_samples": 2, "max_test_points": 1}.items():
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"GridSettings.{name} must be a whole number ≥ {low}, got {value!r}")
-    lr = settings.lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"GridSettings.lr must be a positive number, got {lr!r}")
     if settings.patience is not None and data.val is None:
         raise ConfigError(f"GridSettings.patience needs a validation split; dataset {data.name!r} has none")
     if not isinstance(settings.diagnose, dict):

@@ -1,11 +1,13 @@
 """Inference: the objectives, per-datapoint log-weights, the parameters a pair trains, and the trainer.
 
-:func:`fit` (:mod:`~ppvae.infer.train`) trains any model/guide pair by SVI; :mod:`~ppvae.infer.checkpoint` writes
+:func:`fit` (:mod:`~ppvae.infer.train`) trains any model/guide pair by SVI, with the settings and defaults of
+:class:`FitConfig` (:mod:`~ppvae.infer.config`); :mod:`~ppvae.infer.checkpoint` writes
 and restores exact-resume checkpoints; :mod:`~ppvae.infer.nonfinite` explains a NaN/Inf step;
 :mod:`~ppvae.infer.logweights` computes ``log p(x, z) − log q(z|x)`` per datapoint, the primitive every diagnostic is
 computed from.
 """
 
+from ppvae.infer.config import FitConfig
 from ppvae.infer.train import FitResult, fit
 
-__all__ = ["fit", "FitResult"]
+__all__ = ["fit", "FitResult", "FitConfig"]

@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from ppvae.errors import CheckpointError, TrainingError
 from ppvae.infer import checkpoint
+from ppvae.infer.config import ON_NONFINITE
 from ppvae.infer.nonfinite import Fault
 
 if TYPE_CHECKING:
     from ppvae.infer.train import Trainer
 
 __all__ = ["Callback", "NonFinitePolicy", "EarlyStopping", "Checkpoint", "Progress", "ON_NONFINITE"]
-
-ON_NONFINITE = ("raise", "skip")
 
 # The training loop's own modules (this one and its sibling train.py, wherever the package puts the two): a warning
 # is attributed to the first caller outside them, the line that called fit, as warnings.warn(stacklevel=2) in fit did.

@@ -46,13 +46,16 @@ from ppvae.errors import (
 )
 from ppvae.infer import checkpoint
 from ppvae.infer.callbacks import ON_NONFINITE, Callback, Checkpoint, EarlyStopping, NonFinitePolicy, Progress
+from ppvae.infer.config import FitConfig, merge_config
 from ppvae.infer.nonfinite import Fault
-from ppvae.infer.objectives import BatchLoss, PairLoss, VAELoss, has_fast_elbo, make_objective
-from ppvae.infer.pair import resolve_device, resolve_pair
+from ppvae.infer.objectives import BatchLoss, PairLoss, VAELoss, make_objective
+from ppvae.infer.pair import Pair, resolve_device, resolve_pair
 from ppvae.infer.params import collect_params
 from ppvae.infer.trainer_state import EpochStats, TrainState
 
-__all__ = ["fit", "FitResult", "resolve_pair", "ON_NONFINITE", "Trainer", "BetaSchedule"]
+__all__ = ["fit", "FitResult", "FitConfig", "resolve_pair", "ON_NONFINITE", "Trainer", "BetaSchedule"]
+
+_DEFAULTS = FitConfig()  # fit's defaults: FitConfig is where they are written
 
 
 @dataclass
@@ -97,24 +100,25 @@ def fit(
     data: Any,
     *,
     guide: Callable | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    objective: str | ELBO = "elbo",
-    num_particles: int = 1,
-    vectorize_particles: bool | None = None,
-    beta: float = 1.0,
-    kl_warmup: float = 0.0,
+    epochs: int = _DEFAULTS.epochs,
+    batch_size: int = _DEFAULTS.batch_size,
+    lr: float = _DEFAULTS.lr,
+    objective: str | ELBO = _DEFAULTS.objective,
+    num_particles: int = _DEFAULTS.num_particles,
+    vectorize_particles: bool | None = _DEFAULTS.vectorize_particles,
+    beta: float = _DEFAULTS.beta,
+    kl_warmup: float = _DEFAULTS.kl_warmup,
     val_data: Any = None,
-    patience: int | None = None,
-    clip_norm: float | None = None,
-    seed: int | None = 0,
-    device: str | torch.device | None = "auto",
+    patience: int | None = _DEFAULTS.patience,
+    clip_norm: float | None = _DEFAULTS.clip_norm,
+    seed: int | None = _DEFAULTS.seed,
+    device: str | torch.device | None = _DEFAULTS.device,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     validate_data: bool = True,
-    on_nonfinite: str = "raise",
+    on_nonfinite: str = _DEFAULTS.on_nonfinite,
+    config: FitConfig | None = None,
 ) -> FitResult:
     """Train a model/guide pair by stochastic variational inference.
 
@@ -158,10 +162,19 @@ def fit(
             model and in ``checkpoint_dir/nonfinite.pt``; ``last.pt`` stays the last good epoch). ``"skip"``: leave
             the batch out (no optimizer step), count it in ``history[i]["skipped_batches"]`` and warn once per
             epoch; an epoch whose every batch is skipped raises.
+        config: the settings above as one :class:`~ppvae.infer.config.FitConfig` (the source of their defaults).
+            An argument left at its default takes the config's value; one that contradicts the config raises
+            :class:`ConfigError`.
 
     Returns:
         :class:`FitResult` with a per-epoch ``history``.
     """
+    if config is not None:  # the config's settings, unless an argument says otherwise (then the two must agree)
+        given = {name: value for name, value in locals().items() if name in FitConfig.names()}
+        return fit(
+            model, data, guide=guide, val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume,
+            progress=progress, validate_data=validate_data, **merge_config(config, given),
+        )  # fmt: skip
     _check_arguments(
         epochs, batch_size, lr, num_particles, beta, kl_warmup, val_data, patience, clip_norm, checkpoint_dir, resume
     )
@@ -177,11 +190,11 @@ def fit(
     if owner is not None:
         owner.to(dev)
     train, val = _batches(data, val_data, batch_size, dev, owner if validate_data else None)
-    is_vae = owner is not None and hasattr(owner, "likelihood") and hasattr(owner, "encode")
+    is_vae = Pair(model_fn, guide_fn, owner).is_builtin_vae
     if vectorize_particles is None:
         vectorize_particles = is_vae and num_particles > 1
     step_loss, val_loss = _losses(
-        model_fn, guide_fn, owner, objective, num_particles, vectorize_particles, 1 if is_vae else None
+        model_fn, guide_fn, owner if is_vae else None, objective, num_particles, vectorize_particles
     )
     ckpt_dir = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
     callbacks = _callbacks(model, on_nonfinite, lr, ckpt_dir, progress, val is not None, patience)
@@ -268,22 +281,24 @@ def _batches(
 def _losses(
     model_fn: Callable,
     guide_fn: Callable,
-    owner: nn.Module | None,
+    vae: nn.Module | None,
     objective: str | ELBO,
     num_particles: int,
     vectorize_particles: bool,
-    max_plate_nesting: int | None,
 ) -> tuple[BatchLoss, BatchLoss]:
     """The step's loss and the validation loss (ELBO, β = 1, one particle).
 
-    An unmodified ppvae.VAE with objective "elbo" gets the direct ELBO (Trace_ELBO's estimator without tracing,
+    ``vae``: the module when the pair is an unmodified ppvae.VAE with its own guide (``Pair.is_builtin_vae``), else
+    None; a VAE given with another guide is trained through Pyro's ELBO with that guide. Such a VAE with objective
+    "elbo" gets the direct ELBO (Trace_ELBO's estimator without tracing,
     see :func:`ppvae.infer.objectives.vae_elbo_loss`: the same values, much less Python per step); any other pair
     Pyro's ELBOs. The objective is built either way, so a bad one is refused the same way for every pair.
     """
+    max_plate_nesting = 1 if vae is not None else None  # a VAE's only plate is its data plate
     loss_fn = make_objective(objective, num_particles, vectorize_particles, max_plate_nesting=max_plate_nesting)
     val_loss_fn = make_objective("elbo", 1, False, max_plate_nesting=max_plate_nesting)
-    if has_fast_elbo(owner) and objective == "elbo":
-        return VAELoss(owner, num_particles), VAELoss(owner)
+    if vae is not None and objective == "elbo":
+        return VAELoss(vae, num_particles), VAELoss(vae)
     return PairLoss(model_fn, guide_fn, loss_fn), PairLoss(model_fn, guide_fn, val_loss_fn)
 
 
