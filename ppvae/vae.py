@@ -16,7 +16,6 @@ the latent site is ``"z"`` and the observed site is ``"x"``. Kingma & Welling 20
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import pyro
@@ -25,12 +24,7 @@ from pyro.distributions import Distribution
 from torch import Tensor, nn
 
 from ppvae._local_params import module_params_are_local
-from ppvae._validate import is_int
-from ppvae.blocks.guides import GUIDES
-from ppvae.blocks.likelihoods import LIKELIHOODS
-from ppvae.blocks.nets import build_decoder, build_encoder
-from ppvae.blocks.priors import PRIORS
-from ppvae.errors import ConfigError
+from ppvae.blocks.assemble import blocks_config, build_blocks, check_data_shape, check_generate_size, check_latent_dim
 
 __all__ = ["VAE"]
 
@@ -54,6 +48,9 @@ class VAE(nn.Module):
     Shapes: ``model(x)`` and ``guide(x)`` take ``x: (batch, *data_shape)``.
     """
 
+    # Read by ppvae.infer.pair.is_builtin_vae: this class's own model/guide may be scored by the direct ELBO.
+    _ppvae_builtin_vae = True
+
     def __init__(
         self,
         data_shape: Sequence[int],
@@ -65,24 +62,17 @@ class VAE(nn.Module):
         decoder: str | dict | nn.Module = "mlp",
     ) -> None:
         super().__init__()
-        if not (is_int(latent_dim) and latent_dim > 0):
-            raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        self.data_shape = _check_data_shape(data_shape)
-        self.latent_dim = latent_dim = int(latent_dim)
-        try:
-            self.likelihood = LIKELIHOODS.build(likelihood, data_shape=self.data_shape)
-            self.encoder = build_encoder(encoder, self.data_shape)
-            self.decoder = build_decoder(decoder, latent_dim, (self.likelihood.num_params, *self.data_shape))
-            self.guide_head = GUIDES.build(guide, in_features=self.encoder.out_features, latent_dim=latent_dim)
-            self.prior = PRIORS.build(prior, latent_dim=latent_dim, data_shape=self.data_shape)
-        except RuntimeError as err:
-            # torch refusing the sizes: out of memory (CPU or CUDA), or a negative or zero layer width in a spec.
-            first = str(err).splitlines()[0][:160]
-            need = "not enough memory for" if "alloc" in first or "out of memory" in first else "cannot build"
-            raise ConfigError(
-                f"{need} the networks of a VAE with data_shape {self.data_shape}, latent_dim {latent_dim}, encoder "
-                f"{_describe(encoder)} and decoder {_describe(decoder)} (torch: {first}); use positive, smaller sizes"
-            ) from None
+        self.data_shape = check_data_shape(data_shape)
+        self.latent_dim = check_latent_dim(latent_dim)
+        blocks = build_blocks(
+            self.data_shape, self.latent_dim, prior=prior, likelihood=likelihood, guide=guide, encoder=encoder,
+            decoder=decoder,
+        )  # fmt: skip
+        self.likelihood = blocks["likelihood"]  # p(x | decoder output)
+        self.encoder = blocks["encoder"]  # x → features
+        self.decoder = blocks["decoder"]  # z → (num_params, *data_shape)
+        self.guide_head = blocks["guide_head"]  # features → q(z | x)
+        self.prior = blocks["prior"]  # p(z)
         if hasattr(self.prior, "attach"):  # VampPrior: a mixture of q(z | pseudo-inputs)
             self.prior.attach(self.encode)
         # A name unique to this instance: under Pyro's own SVI loop, pyro.module registers this model's
@@ -127,66 +117,10 @@ class VAE(nn.Module):
     @torch.no_grad()
     def generate(self, n: int) -> Tensor:
         """E[x | z] for ``n`` draws z ~ p(z): ``(n, *data_shape)``."""
-        if not (is_int(n) and n > 0):
-            raise ConfigError(f"the number of datapoints to generate must be a positive integer, got {n!r}")
-        out = int(n) * max(self.latent_dim, self.likelihood.num_params * math.prod(self.data_shape))
-        if out > 2**31:  # float32 elements of the largest tensor: beyond 8 GiB, refuse instead of exhausting memory
-            raise ConfigError(
-                f"generating {n} datapoints of shape {self.data_shape} needs tensors of {out:,} numbers; "
-                "generate fewer at a time (e.g. in batches of 10,000)"
-            )
-        z = self.prior().sample((int(n),))
+        n = check_generate_size(n, self.data_shape, self.latent_dim, self.likelihood.num_params)
+        z = self.prior().sample((n,))
         return self.likelihood.mean(self.decoder(z))
 
     def config(self) -> dict:
         """JSON-serializable configuration rebuilding this VAE (see :func:`ppvae.save`)."""
-        parts = {
-            "prior": self.prior,
-            "likelihood": self.likelihood,
-            "guide": self.guide_head,
-            "encoder": self.encoder,
-            "decoder": self.decoder,
-        }
-        cfg: dict = {"data_shape": list(self.data_shape), "latent_dim": self.latent_dim}
-        for key, module in parts.items():
-            spec = getattr(module, "spec", None)
-            if spec is None:
-                raise ConfigError(
-                    f"the {key} is a custom {type(module).__name__} with no registered spec, so this VAE cannot be "
-                    "rebuilt from a config; save the weights with ppvae.save(model, path) and load them with "
-                    "ppvae.load(path, model=<a freshly built model>)"
-                )
-            cfg[key] = _strip_context(spec)
-        return cfg
-
-
-def _describe(spec: object) -> str:
-    return repr(spec) if isinstance(spec, (str, dict)) else type(spec).__name__
-
-
-def _check_data_shape(data_shape: object) -> tuple[int, ...]:
-    """``data_shape`` as a tuple of positive ints (whole floats such as 28.0 are accepted); ConfigError otherwise."""
-    try:
-        dims = tuple(data_shape)  # type: ignore[arg-type]
-    except TypeError:
-        dims = None
-    ok = (
-        dims is not None
-        and len(dims) > 0
-        and not isinstance(data_shape, (str, bytes))
-        and all((is_int(d) or (isinstance(d, float) and d.is_integer())) and d >= 1 for d in dims)
-    )
-    if not ok:
-        raise ConfigError(
-            f"data_shape must be the shape of one datapoint, a sequence of positive integers such as (1, 28, 28) or "
-            f"(784,); got {data_shape!r}"
-        )
-    return tuple(int(d) for d in dims)  # type: ignore[union-attr]
-
-
-def _strip_context(spec: dict) -> dict:
-    """Drop arguments the VAE supplies itself (shapes), keeping the user's options."""
-    kwargs = {
-        k: v for k, v in spec["kwargs"].items() if k not in ("data_shape", "latent_dim", "in_features", "out_shape")
-    }
-    return {"name": spec["name"], "kwargs": kwargs}
+        return blocks_config(self)

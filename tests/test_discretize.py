@@ -14,7 +14,7 @@ import ppvae
 from ppvae.blocks.discretize import Discretized, discretized, scoring_view
 from ppvae.blocks.likelihoods import LIKELIHOODS, Likelihood
 from ppvae.errors import ConfigError, DataError
-from ppvae.infer.objectives import has_fast_elbo
+from ppvae.infer.pair import is_builtin_vae
 
 LEVELS = 256
 N = LEVELS - 1
@@ -270,7 +270,7 @@ def test_scoring_view_evaluates_in_bits_per_dim_and_leaves_the_vae_alone():
     vae = constant_vae()
     x = torch.full((6, 16), 128 / 255)
     view = scoring_view(vae)
-    assert type(view) is type(vae) and has_fast_elbo(view)  # evaluate's untraced fast path
+    assert type(view) is type(vae) and is_builtin_vae(view)  # evaluate's untraced fast path
     assert isinstance(view.likelihood, Discretized) and view.likelihood.base is vae.likelihood
     assert type(vae.likelihood).__name__ == "Normal" and "likelihood" in dict(vae.named_children())
     assert view.encoder is vae.encoder and view.decoder is vae.decoder and view.prior is vae.prior

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from ppvae.errors import ConfigError
 from ppvae.infer.logweights import log_weights
-from ppvae.infer.pair import is_builtin_vae
 
 __all__ = [
     "OBJECTIVES",
@@ -28,7 +27,6 @@ __all__ = [
     "scale_latents",
     "ScaleLatents",
     "vae_elbo_loss",
-    "has_fast_elbo",
     "BatchLoss",
     "PairLoss",
     "VAELoss",
@@ -80,12 +78,6 @@ def make_objective(
         vectorize_particles=vectorize_particles,
         max_plate_nesting=max_plate_nesting if max_plate_nesting is not None else 1,
     ).differentiable_loss
-
-
-def has_fast_elbo(model: Any) -> bool:
-    """Whether ``vae_elbo_loss`` may stand in for Trace_ELBO on ``model``: an unmodified :class:`ppvae.VAE`
-    (:func:`ppvae.infer.pair.is_builtin_vae`)."""
-    return is_builtin_vae(model)
 
 
 def vae_elbo_loss(vae: Any, x: Tensor, beta: float = 1.0, num_particles: int = 1) -> Tensor:

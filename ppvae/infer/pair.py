@@ -75,10 +75,13 @@ class Pair:
 
 
 def is_builtin_vae(obj: Any) -> bool:
-    """Whether ``obj`` is a :class:`ppvae.VAE` with its own ``model``/``guide`` (not overridden by a subclass)."""
-    from ppvae.vae import VAE  # deferred: a VAE is built from blocks; the pair is needed by code that imports less
+    """Whether ``obj`` is a :class:`ppvae.VAE` with its own ``model``/``guide`` (not overridden by a subclass).
 
-    return isinstance(obj, VAE) and type(obj).model is VAE.model and type(obj).guide is VAE.guide
+    The VAE class marks itself (``_ppvae_builtin_vae`` in its own class dict, not inherited as a claim by
+    subclasses' dicts), so the pair layer needs no import of the model layer.
+    """
+    base = next((c for c in type(obj).__mro__ if c.__dict__.get("_ppvae_builtin_vae")), None)
+    return base is not None and type(obj).model is base.model and type(obj).guide is base.guide
 
 
 def as_pair(model: Any, guide: Callable | None = None, *, what: str = "fit") -> Pair:
