@@ -13,7 +13,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ppvae"
 # Lowest first. A module may import from a lower rank, or from its own group; peers of one rank (data and
 # report) do not import each other. Keep this table and docs/architecture.md the same.
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
-    (0, "ground", ("errors", "_version", "_validate", "_fs", "_archive", "_stats", "_json", "_local_params", "_rng")),
+    (
+        0,
+        "ground",
+        (
+            "errors",
+            "_version",
+            "_validate",
+            "_fs",
+            "_archive",
+            "_stats",
+            "_json",
+            "_local_params",
+            "_rng",
+            "_constraints",
+            "_param_store",
+        ),
+    ),
     (1, "data", ("data",)),
     (1, "report", ("report",)),
     (2, "blocks", ("blocks",)),

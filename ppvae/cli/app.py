@@ -273,7 +273,7 @@ def _info(args: argparse.Namespace) -> None:
             print(f"  {key:11s} {json.dumps(cfg[key])}")
     # A checkpoint of a pair of functions has no module: its weights are the Pyro parameters it optimized.
     weights = obj.get("state_dict", obj.get("params", {}))
-    n = sum(t.numel() for t in weights.values())
+    n = sum(t.numel() for t in weights.values() if torch.is_tensor(t))  # a state_dict may hold extra state
     kind = "" if "state_dict" in obj or not weights else f" in {len(weights)} Pyro parameters"
     print(f"  weights     {n:,} numbers{kind}")
     for key in ("dataset", "binarize", "levels", "model_file"):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
 from ppvae._rng import fork_rngs
 from ppvae._stats import mean_se
 from ppvae._validate import COUNT, check, check_seed
@@ -178,7 +179,9 @@ def iter_log_weights(
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None
     start = 0
-    with torch.no_grad(), local_module_params() if owner is not None else nullcontext():
+    # The model's own pyro.param values (ppvae._param_store), held while the chunks are produced.
+    own_store = model_store(model_fn, guide_fn, owner, exercise=lambda: _run_once(model_fn, guide_fn, batches.first()))
+    with torch.no_grad(), local_module_params() if owner is not None else nullcontext(), own_store:
         for batch in batches:
             n = batches.batch_len(batch)
             chunk = max(1, min(num_samples, _CHUNK_ELEMENTS // (n * max(out_size, 1))))
@@ -207,6 +210,11 @@ def iter_log_weights(
                     )
                     yield rows, out[0, :, cols], None, None
             start += n
+
+
+def _run_once(model_fn: Callable, guide_fn: Callable, args: tuple) -> None:
+    guide_fn(*args)
+    model_fn(*args)
 
 
 def _as_data(data: Any, owner: Any) -> Any:

@@ -38,6 +38,7 @@ from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
 
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
 from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
@@ -216,9 +217,11 @@ def reference_posterior(
     rng_state = pyro.util.get_rng_state()
     fast = is_builtin_vae(owner) and guide is None and latent_site == "z"
     draws, guide_draws = [], []
+    x0 = x[rows[0] : rows[0] + 1]
     try:
-        with _frozen(owner):
-            size = _check_site(model_fn, guide_fn, x[rows[0] : rows[0] + 1], latent_site)
+        # In the model's own parameter store (ppvae._param_store), whose weights _frozen then fixes.
+        with model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(x0), model_fn(x0))), _frozen(owner):
+            size = _check_site(model_fn, guide_fn, x0, latent_site)
             # A dense mass matrix adapts to correlated posteriors (a decoder couples the latent dimensions); its
             # O(D^2) cost is negligible next to a decoder gradient at these sizes. Measured on a Fashion-MNIST VAE
             # (D = 16): 0.031 s per NUTS iteration against 0.043 s with a diagonal one, same draws' moments.

@@ -12,7 +12,9 @@ one-sided: a q that ignores x and returns p(z) is calibrated too; read SBC next 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from scipy import stats
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
 from ppvae.diagnostics.parts import PartInput
@@ -125,11 +128,14 @@ def sbc(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    own_store: Any = nullcontext()
     if guide is None and isinstance(model, AmortizedEncoder) and isinstance(model, GenerativePath):
-        simulate = _vae_simulator(model)
+        simulate = _vae_simulator(model)  # no Pyro: no parameter store
     else:
         pair = as_pair(model, guide, what="sbc")
         simulate = _pair_simulator(pair.model, pair.guide)
+        # The pair's own parameter store (ppvae._param_store); one simulation binds a loaded pair's networks.
+        own_store = model_store(pair.model, pair.guide, pair.owner, exercise=functools.partial(simulate, 1, 1))
     training = getattr(model, "training", None)
     if training:
         model.eval()
@@ -137,7 +143,7 @@ def sbc(
     try:
         # Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed) gave): the caller's stay as they
         # were.
-        with torch.no_grad(), local_module_params(), poutine.block(), fork_rngs(seed):
+        with own_store, torch.no_grad(), local_module_params(), poutine.block(), fork_rngs(seed):
             for start in range(0, num_simulations, batch_size):
                 m = min(batch_size, num_simulations - start)
                 z_true, draws = simulate(m, num_draws)  # (m, D), (L, m, D)

@@ -4,10 +4,12 @@
 :class:`FitConfig` (:mod:`~ppvae.infer.config`); :mod:`~ppvae.infer.checkpoint` writes
 and restores exact-resume checkpoints; :mod:`~ppvae.infer.nonfinite` explains a NaN/Inf step;
 :mod:`~ppvae.infer.logweights` computes ``log p(x, z) − log q(z|x)`` per datapoint, the primitive every diagnostic is
-computed from.
+computed from. :func:`param_state` and :func:`keep_params` (:mod:`~ppvae.infer.params`) read and set the
+``pyro.param`` values ppvae keeps for a model.
 """
 
 from ppvae.infer.config import FitConfig
+from ppvae.infer.params import keep_params, param_state
 from ppvae.infer.train import FitResult, fit
 
-__all__ = ["fit", "FitResult", "FitConfig"]
+__all__ = ["fit", "FitResult", "FitConfig", "param_state", "keep_params"]

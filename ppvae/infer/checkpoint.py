@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to resume ``fit`` exactly after a crash or ``SIGKILL``.
 
 A checkpoint is a ppvae file (:mod:`ppvae.io`: a torch archive of plain data read with ``weights_only=True``) holding
-the parameters, the module's buffers, Adam's state, the RNG states of torch (and CUDA), NumPy and Python, and the
+the parameters (``pyro.param`` values included: a module's as its ``ppvae_pyro_params``, a pair of functions' by
+their store names), the module's buffers, Adam's state, the RNG states of torch (and CUDA), NumPy and Python, and the
 history. It is written atomically and the previous one is kept as ``<name>.prev``.
 """
 

@@ -34,6 +34,7 @@ from torch import nn
 from ppvae import io
 from ppvae._fs import prepare_dir
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
 from ppvae._validate import COUNT, NONNEGATIVE, POSITIVE, check, check_seed
 from ppvae.data.batches import Batches, make_batches
 from ppvae.errors import (
@@ -70,8 +71,10 @@ class FitResult:
             ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``).
         best_epoch: the epoch whose parameters were kept (best validation ELBO, else the last).
         stopped_early: whether ``patience`` ran out.
-        param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` sites); ``with
-            pyro.get_param_store().scope(result.param_state): ...`` evaluates that pair later.
+        param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` and ``pyro.module``
+            sites), the pair's own store that ppvae's evaluate, diagnose and save use; under plain Pyro, ``with
+            pyro.get_param_store().scope(result.param_state): ...``. None for a module, which keeps its
+            ``pyro.param`` values among its parameters (``module.ppvae_pyro_params``).
     """
 
     model: Callable
@@ -206,17 +209,19 @@ def fit(
             "model: lower batch_size or num_particles" + (", or vectorize_particles=False" if vectorized else "")
         )
 
-    store = pyro.get_param_store()
     failure: TrainingError | None = None
+    first = train.first()
     with ExitStack() as stack:
-        # Each fit gets its own parameter store: nothing stale from an earlier model under the same names.
-        param_state = stack.enter_context(store.scope())
+        # The model's own parameter store (ppvae._param_store): its kept pyro.param values, else an empty one, so
+        # nothing stale from an earlier model under the same names; afterwards the model keeps what it trained.
+        param_state = stack.enter_context(
+            model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(*first), model_fn(*first)), training=True)
+        )
         if owner is not None:
             stack.enter_context(local_module_params())
         if is_vae:
             # Support was checked up front; per-step argument validation only costs time in the hot loop.
             stack.enter_context(pyro.validation_enabled(False))
-        first = train.first()
         params = collect_params(model_fn, guide_fn, owner, first)
         if ckpt_dir is not None:
             checkpoint.check_space(ckpt_dir, params)
@@ -241,9 +246,6 @@ def fit(
             trainer.fit()
         except TrainingError as err:  # leave the state before the failure in place (the store, for functions)
             failure = err
-    if owner is None:
-        # A pair of functions reads its parameters from the global store: leave the trained ones there.
-        store.set_state(param_state)
     if failure is not None:
         raise failure
     return FitResult(
