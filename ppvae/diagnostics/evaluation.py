@@ -33,6 +33,7 @@ from ppvae.data import as_tensor
 from ppvae.data.batches import make_batches
 from ppvae.errors import ConfigError, DataError
 from ppvae.infer.logweights import log_weights, plate_nesting
+from ppvae.infer.observed import observed_discrete
 from ppvae.infer.pair import is_builtin_vae, resolve_device, resolve_pair
 
 __all__ = ["Evaluation", "evaluate", "iter_log_weights"]
@@ -277,7 +278,8 @@ def evaluate(
         num_samples: S importance samples per datapoint (≥ 2).
         batch_size: datapoints per chunk (default 256; particles are chunked to bound memory).
         keep_log_weights: keep the ``(N, S)`` float32 log-weights (needed by :func:`ppvae.diagnose`).
-        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; else False).
+        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; for any other
+            pair the supports of its observed sites, read from one run: None when they are mixed or absent).
         split: a label for reports ("test", "val").
 
     Returns:
@@ -339,7 +341,8 @@ def evaluate(
     joined = {key: np.concatenate(values) for key, values in parts.items()}
     owner = model if isinstance(model, torch.nn.Module) else None
     if discrete is None:
-        discrete = bool(getattr(likelihood, "discrete", False))
+        known = getattr(likelihood, "discrete", None)
+        discrete = known if isinstance(known, bool) else _observed_discrete(model, data, guide, device)
     shape = getattr(owner, "data_shape", None)
     data_dim = int(np.prod(shape)) if shape is not None else _first_dim(data)
     return Evaluation(
@@ -353,6 +356,16 @@ def evaluate(
         log_weights=joined.get("log_weights"),
         split=split,
     )
+
+
+def _observed_discrete(model: Any, data: Any, guide: Callable | None, device: Any) -> bool | None:
+    """Whether a pair's observed sites have discrete supports (its log p̂ is then a probability of the data), from
+    one run of the pair on the first two datapoints in its own parameter store; None when it does not say."""
+    model_fn, guide_fn, owner = resolve_pair(model, guide)
+    first = make_batches(_as_data(data, owner), 2, resolve_device(device), shuffle=False, what="data").first()
+    store = model_store(model_fn, guide_fn, owner, exercise=lambda: _run_once(model_fn, guide_fn, first))
+    with local_module_params() if owner is not None else nullcontext(), store:
+        return observed_discrete(model_fn, guide_fn, *first)
 
 
 def _mean_over_chunks(chunks: tuple[Tensor, ...], num_samples: int) -> Tensor:
