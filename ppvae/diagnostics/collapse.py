@@ -26,6 +26,7 @@ from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import CollapseConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import AmortizedEncoder
 
 __all__ = ["Collapse", "posterior_collapse", "run_part", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
@@ -127,7 +128,8 @@ def posterior_collapse(
     x = torch.as_tensor(data)
     if len(x) > num_points:
         x = x[torch.randperm(len(x), generator=gen)[:num_points]]
-    with local_module_params(), fork_rngs():  # the global RNGs are the caller's again afterwards
+    # The global RNGs are the caller's again afterwards; the networks in eval mode, as they were afterwards.
+    with local_module_params(), fork_rngs(), scoring_mode(vae):
         torch.manual_seed(seed)
         q, p = vae.encode(x), vae.prior()
         z = q.sample((num_samples,))  # (S, M, D)

@@ -33,6 +33,7 @@ from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.config import GapsConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import as_pair
 
 __all__ = ["Gaps", "inference_gaps", "run_part"]
@@ -155,7 +156,8 @@ def inference_gaps(
     x = x_all[torch.as_tensor(idx)].to(device)
     check_finite(x, "data")
     cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), local_module_params(), _frozen(vae):
+    # Networks in eval mode (as they were afterwards); gradients stay on for the per-datapoint parameters.
+    with torch.random.fork_rng(devices=cuda), local_module_params(), _frozen(vae), scoring_mode(vae, no_grad=False):
         torch.manual_seed(seed)
         head = vae.guide_head
         with torch.no_grad():

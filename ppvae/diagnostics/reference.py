@@ -45,6 +45,7 @@ from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.diagnostics.config import ReferenceConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import as_pair, is_builtin_vae
 
 __all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics", "run_part"]
@@ -219,8 +220,11 @@ def reference_posterior(
     draws, guide_draws = [], []
     x0 = x[rows[0] : rows[0] + 1]
     try:
-        # In the model's own parameter store (ppvae._param_store), whose weights _frozen then fixes.
-        with model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(x0), model_fn(x0))), _frozen(owner):
+        # Networks in eval mode (their training flags and buffers given back afterwards; gradients with respect to
+        # z stay on for NUTS), in the model's own parameter store (ppvae._param_store), whose weights _frozen fixes.
+        evaluating = scoring_mode(owner, model_fn, guide_fn, no_grad=False)
+        own_store = model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(x0), model_fn(x0)))
+        with evaluating, own_store, _frozen(owner):
             size = _check_site(model_fn, guide_fn, x0, latent_site)
             # A dense mass matrix adapts to correlated posteriors (a decoder couples the latent dimensions); its
             # O(D^2) cost is negligible next to a decoder gradient at these sizes. Measured on a Fashion-MNIST VAE
