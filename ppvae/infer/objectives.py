@@ -20,6 +20,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, co
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
+from ppvae._rng import fork_rngs
 from ppvae.errors import ConfigError
 from ppvae.infer.logweights import log_weights
 
@@ -99,12 +100,14 @@ class EnumLoss:
     def __init__(self, elbo: TraceEnum_ELBO) -> None:
         self.elbo = elbo
         self.checked = False
+        self.nothing = False  # whether the first call found no site to enumerate
 
     def __call__(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> Tensor:
         model, guide = config_enumerate(model, default="parallel"), config_enumerate(guide, default="parallel")
         if not self.checked:
             self.checked = True
-            if not enumerated_sites(model, guide, *args, **kwargs):
+            self.nothing = not enumerated_sites(model, guide, *args, **kwargs)
+            if self.nothing:
                 warnings.warn(
                     "objective 'enum' enumerates nothing: no unobserved sample site of this model or guide has a "
                     "discrete distribution with enumerate support (or each sets infer={'enumerate': None}), so it "
@@ -113,14 +116,20 @@ class EnumLoss:
                     UserWarning,
                     stacklevel=2,
                 )
+        if self.nothing:  # said once above, in ppvae's words: Pyro's own warning each step would repeat it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites")
+                return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
         return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
 
 
 def enumerated_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> list[str]:
     """Names of the sites of ``guide`` (then of ``model`` replayed on it) marked for enumeration, from one blocked
-    run without enumerating (draws, not sums). Empty when the pair cannot run outside the ELBO: the loss says why."""
+    run without enumerating (draws, not sums), on copies of the RNGs: the check draws nothing from the training's
+    random stream, so a resumed run stays exact. ``["?"]`` when the pair cannot run outside the ELBO (the loss
+    itself then says what is wrong)."""
     try:
-        with poutine.block():
+        with fork_rngs(), poutine.block():
             g = poutine.trace(guide).get_trace(*args, **kwargs)
             m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
     except Exception:  # noqa: BLE001 - the ELBO itself runs next and raises what is wrong
