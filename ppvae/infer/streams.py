@@ -34,7 +34,7 @@ from ppvae.infer.objectives import BatchLoss
 __all__ = ["Stream", "StreamLoss", "TrainStream", "round_robin", "as_streams"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # data may be tensors: compared by identity, not elementwise
 class Stream:
     """One data stream of a multi-stream :func:`ppvae.fit`.
 

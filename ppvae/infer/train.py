@@ -70,7 +70,9 @@ class FitResult:
         module: the trained ``nn.Module`` owning the pair, or None for a pair of functions.
         history: one dict per epoch: ``epoch``, ``train_loss`` (negative β-ELBO, nats per datapoint),
             ``val_elbo`` (ELBO with β = 1, nats per datapoint, or None), ``beta``, ``seconds``, ``examples_per_s``,
-            ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``).
+            ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``); with
+            several streams, ``streams`` (each stream's mean loss per datapoint, its weighted ELBO and aux terms, by
+            name) and ``train_loss`` the mean over all their datapoints.
         best_epoch: the epoch whose parameters were kept (best validation ELBO, else the last).
         stopped_early: whether ``patience`` ran out.
         param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` and ``pyro.module``
