@@ -281,6 +281,32 @@ def test_a_classifier_reached_only_by_the_labelled_stream_trains():
     assert not torch.equal(w, m2.classifier[0].weight)
 
 
+def test_the_check_names_the_streams_none_of_which_reaches_a_network():
+    m2 = M2()
+    m2.unused = nn.Linear(D, 1)
+    x_lab, y_lab = clusters(20, 1)
+    streams = [Stream((x_lab, y_lab), name="labelled"), Stream(x_lab, name="unlabelled", objective="enum")]
+    with pytest.raises(TrainingError, match=r"any of the 2 streams \(labelled, unlabelled\).*unused\.weight"):
+        ppvae.fit(m2, streams, epochs=1, batch_size=10, progress=False)
+
+
+def test_a_stream_with_only_an_auxiliary_loss_trains_what_it_reaches():
+    x_lab, y_lab = clusters(60, 1)
+    x_unl, _ = clusters(60, 2)
+    m2 = M2()
+    streams = [
+        Stream(x_unl, name="unlabelled", objective="enum"),
+        Stream((x_lab, y_lab), name="classifier", aux=m2.classifier_loss, elbo=False),
+    ]
+    result = ppvae.fit(m2, streams, epochs=3, batch_size=20, lr=1e-2, progress=False)
+    assert result.history[-1]["streams"]["classifier"] < result.history[0]["streams"]["classifier"]
+
+
+def test_a_bad_stream_is_named_in_the_error():
+    with pytest.raises(DataError, match="stream 'labelled' data"):
+        ppvae.fit(M2(), [Stream(torch.zeros(0, D), name="labelled")], epochs=1, progress=False)
+
+
 # --- ready-made batches: PackedSequence, mask, lengths ----------------------------------------------------------
 
 
@@ -326,6 +352,14 @@ def test_a_list_of_packed_sequence_batches_trains():
     assert len(result.history) == 15
     assert not torch.equal(w, net.rnn.weight_ih_l0)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_the_same_batches_from_a_dataloader_train():
+    batches = [packed_batch(s) for s in range(3)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    net = Sequences()
+    result = ppvae.fit(net, loader, epochs=2, progress=False)
+    assert len(result.history) == 2 and math.isfinite(result.history[-1]["train_loss"])
 
 
 def test_a_tuple_holding_a_packed_sequence_says_how_to_give_it():

@@ -221,6 +221,7 @@ def fit(
         batch_size if streams is None else streams[0].batch_size or batch_size,
         dev,
         owner if validate_data and (streams is None or streams[0].model is None) else None,
+        what="data" if streams is None else f"stream {streams[0].name!r} data",
     )
     is_vae = Pair(model_fn, guide_fn, owner).is_builtin_vae
     if vectorize_particles is None:
@@ -308,11 +309,17 @@ def fit(
 
 
 def _batches(
-    data: Any, val_data: Any, batch_size: int, dev: torch.device, check_against: nn.Module | None
+    data: Any,
+    val_data: Any,
+    batch_size: int,
+    dev: torch.device,
+    check_against: nn.Module | None,
+    what: str = "data",
 ) -> tuple[Batches, Batches | None]:
     """Shuffled training batches and unshuffled validation ones (in batches of max(batch_size, 1024) rows: scoring
-    holds no gradients), both checked against ``check_against``'s likelihood when given."""
-    train = make_batches(data, batch_size, dev, shuffle=True, what="data")
+    holds no gradients), both checked against ``check_against``'s likelihood when given; ``what`` names the data in
+    errors."""
+    train = make_batches(data, batch_size, dev, shuffle=True, what=what)
     val = (
         make_batches(val_data, max(batch_size, 1024), dev, shuffle=False, what="val_data", strict=False)
         if val_data is not None
