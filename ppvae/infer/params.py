@@ -20,7 +20,8 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ppvae._param_store import StateDict, adopt, attach, keep_pair_state, kept, pair_state
-from ppvae.errors import ConfigError, TrainingError
+from ppvae.blocks.torch_dist import RefuseTorchDistributions
+from ppvae.errors import ConfigError, PPVAEError, TrainingError, without_trace_shapes
 from ppvae.infer.pair import as_pair
 
 __all__ = [
@@ -54,10 +55,14 @@ def collect_params(
     ``requires_grad_(False)`` would be trained through a pair of functions; these tensors are frozen again and
     left out.
     """
-    with poutine.block():
+    # A plain torch distribution at a site fails inside Pyro on the first draw: said here, by site, with the fix.
+    with poutine.block(), RefuseTorchDistributions():
         names = set()
         for fn in (guide, model):
-            trace = poutine.trace(fn, param_only=True).get_trace(*args)
+            try:
+                trace = poutine.trace(fn, param_only=True).get_trace(*args)
+            except PPVAEError as err:
+                raise without_trace_shapes(err) from None
             names.update(n for n, s in trace.nodes.items() if s["type"] == "param")
     found: dict[int, tuple[str, Tensor]] = {}
     if owner is not None:
