@@ -474,3 +474,29 @@ def test_a_vae_with_another_guide_trains_with_that_guide():
         net.requires_grad_(False)
     ppvae.fit(vae, x, guide=guide, epochs=2, batch_size=32, progress=False, seed=0)
     assert sum(calls) >= 2 * 64  # every training batch went through g
+
+
+def test_seeded_fit_leaves_the_callers_random_state():
+    """fit(seed=...) draws as if it had reseeded the global RNGs, on copies: the caller's state is as it was, and
+    the trained weights are those of a fit that reseeded them."""
+    import random
+
+    import numpy as np
+
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+
+    def vae():
+        torch.manual_seed(7)
+        return ppvae.VAE((3,), 2, likelihood="normal", encoder={"name": "mlp", "kwargs": {"hidden": [8]}},
+                         decoder={"name": "mlp", "kwargs": {"hidden": [8]}})  # fmt: skip
+
+    a = vae()
+    torch.manual_seed(100), np.random.seed(100), random.seed(100)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    ppvae.fit(a, x, epochs=2, batch_size=32, progress=False, seed=3)
+    assert torch.equal(before[0], torch.get_rng_state()) and (before[1] == np.random.get_state()[1]).all()
+    assert before[2] == random.getstate()
+    b = vae()
+    pyro.set_rng_seed(3)  # what fit did before: reseed the global RNGs
+    ppvae.fit(b, x, epochs=2, batch_size=32, progress=False, seed=None)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

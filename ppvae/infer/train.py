@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ppvae import io
 from ppvae._fs import prepare_dir
 from ppvae._local_params import local_module_params
 from ppvae._param_store import model_store
+from ppvae._rng import fork_rngs
 from ppvae._validate import COUNT, NONNEGATIVE, POSITIVE, check, check_seed
 from ppvae.data.batches import Batches, make_batches
 from ppvae.errors import (
@@ -160,7 +161,8 @@ def fit(
             gradients, in batches of max(batch_size, 1024) rows, halved while memory runs out.
         patience: stop after this many epochs without a better validation ELBO and keep the best parameters.
         clip_norm: clip the global gradient norm to this value.
-        seed: seeds torch, numpy and Python's RNG (None leaves them as they are).
+        seed: seeds the training's draws, on copies of torch's, NumPy's and Python's RNGs, so the caller's global
+            random state is the same afterwards (None: training draws from the caller's RNGs and advances them).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, or a ``torch.device``.
         checkpoint_dir: write ``last.pt`` there after every epoch and ``best.pt`` on improvement, atomically
             (temporary file, fsync, rename; the one before kept as ``last.pt.prev``). Checked to be writable, with
@@ -210,102 +212,103 @@ def fit(
 
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = resolve_device(device)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    if owner is not None:
-        owner.to(dev)
-    streams = as_streams(data)
-    train, val = _batches(
-        data if streams is None else streams[0].data,
-        val_data,
-        batch_size if streams is None else streams[0].batch_size or batch_size,
-        dev,
-        owner if validate_data and (streams is None or streams[0].model is None) else None,
-        what="data" if streams is None else f"stream {streams[0].name!r} data",
-    )
-    is_vae = Pair(model_fn, guide_fn, owner).is_builtin_vae
-    if vectorize_particles is None:
-        vectorize_particles = is_vae and num_particles > 1
-    step_loss, val_loss = _losses(
-        model_fn, guide_fn, owner if is_vae else None, objective, num_particles, vectorize_particles
-    )
-    if streams is None:
-        runs = [TrainStream("data", train, step_loss, (model_fn, guide_fn))]
-    else:
-        runs = _stream_runs(
-            streams, train, step_loss, model_fn, guide_fn, owner if validate_data else None, batch_size, dev,
-            objective, num_particles, vectorize_particles, is_vae,
-        )  # fmt: skip
-    ckpt_dir = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
-    callbacks = _callbacks(model, on_nonfinite, lr, ckpt_dir, progress, val is not None, patience)
-    vectorized = vectorize_particles and isinstance(step_loss, PairLoss)  # the direct VAE ELBO always vectorizes
-
-    def memory_advice(n: int) -> str:
-        return (
-            f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
-            "model: lower batch_size or num_particles" + (", or vectorize_particles=False" if vectorized else "")
-        )
-
-    failure: TrainingError | None = None
-    firsts = [(run.pair, run.batches.first()) for run in runs]
-
-    def exercise() -> None:  # every stream's pair on its first batch: it creates every pyro.param site
-        for (m, g), first in firsts:
-            g(*first)
-            m(*first)
-
-    with ExitStack() as stack:
-        stack.enter_context(freezing(freeze, model_fn, guide_fn, owner))
-        frozen = frozen_by(model_fn, guide_fn, owner)  # before pyro.module makes them trainable again
-        # The model's own parameter store (ppvae._param_store): its kept pyro.param values, else an empty one, so
-        # nothing stale from an earlier model under the same names; afterwards the model keeps what it trained.
-        param_state = stack.enter_context(model_store(model_fn, guide_fn, owner, exercise=exercise, training=True))
+    # Seeded training runs on copies of the global RNGs: the same draws as reseeding them, and the caller's
+    # random state is as it was afterwards (without a seed, training draws from, and advances, the caller's).
+    with fork_rngs(seed) if seed is not None else nullcontext():
         if owner is not None:
-            stack.enter_context(local_module_params())
-        if is_vae:
-            # Support was checked up front; per-step argument validation only costs time in the hot loop.
-            stack.enter_context(pyro.validation_enabled(False))
-        found: dict[int, tuple[str, torch.Tensor]] = {}
-        for (m, g), first in firsts:
-            for name, p in collect_params(m, g, owner, first, frozen):
-                found.setdefault(id(p), (name, p))
-        params = list(found.values())
-        if ckpt_dir is not None:
-            checkpoint.check_space(ckpt_dir, params)
-        state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=lr))
-        if resume and ckpt_dir is not None:
-            _resume(ckpt_dir, state, owner)
-        trainer = Trainer(
-            state,
-            runs,
-            epochs=epochs,
-            beta=BetaSchedule(beta, kl_warmup * len(runs) * max(len(r.batches) for r in runs)),
-            val=val,
-            val_loss=val_loss,
-            clip_norm=clip_norm,
-            callbacks=callbacks,
-            pair=(model_fn, guide_fn),
-            device=dev,
-            memory_advice=memory_advice,
+            owner.to(dev)
+        streams = as_streams(data)
+        train, val = _batches(
+            data if streams is None else streams[0].data,
+            val_data,
+            batch_size if streams is None else streams[0].batch_size or batch_size,
+            dev,
+            owner if validate_data and (streams is None or streams[0].model is None) else None,
+            what="data" if streams is None else f"stream {streams[0].name!r} data",
         )
-        try:
-            trainer.fit()
-        except TrainingError as err:  # leave the state before the failure in place (the store, for functions)
-            failure = err
-    if failure is not None:
-        raise failure
-    return FitResult(
-        model_fn,
-        guide_fn,
-        owner,
-        history=state.history,
-        best_epoch=state.best_epoch,
-        stopped_early=state.stopped_early,
-        param_state=None if owner is not None else param_state,
-        optimizer=state.optimizer,
-        best_score=state.best_score,
-        best_params=state.best_params,
-    )
+        is_vae = Pair(model_fn, guide_fn, owner).is_builtin_vae
+        if vectorize_particles is None:
+            vectorize_particles = is_vae and num_particles > 1
+        step_loss, val_loss = _losses(
+            model_fn, guide_fn, owner if is_vae else None, objective, num_particles, vectorize_particles
+        )
+        if streams is None:
+            runs = [TrainStream("data", train, step_loss, (model_fn, guide_fn))]
+        else:
+            runs = _stream_runs(
+                streams, train, step_loss, model_fn, guide_fn, owner if validate_data else None, batch_size, dev,
+                objective, num_particles, vectorize_particles, is_vae,
+            )  # fmt: skip
+        ckpt_dir = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
+        callbacks = _callbacks(model, on_nonfinite, lr, ckpt_dir, progress, val is not None, patience)
+        vectorized = vectorize_particles and isinstance(step_loss, PairLoss)  # the direct VAE ELBO always vectorizes
+
+        def memory_advice(n: int) -> str:
+            return (
+                f"one step holds batch_size × num_particles = {n} × {num_particles} draws of the "
+                "model: lower batch_size or num_particles" + (", or vectorize_particles=False" if vectorized else "")
+            )
+
+        failure: TrainingError | None = None
+        firsts = [(run.pair, run.batches.first()) for run in runs]
+
+        def exercise() -> None:  # every stream's pair on its first batch: it creates every pyro.param site
+            for (m, g), first in firsts:
+                g(*first)
+                m(*first)
+
+        with ExitStack() as stack:
+            stack.enter_context(freezing(freeze, model_fn, guide_fn, owner))
+            frozen = frozen_by(model_fn, guide_fn, owner)  # before pyro.module makes them trainable again
+            # The model's own parameter store (ppvae._param_store): its kept pyro.param values, else an empty one, so
+            # nothing stale from an earlier model under the same names; afterwards the model keeps what it trained.
+            param_state = stack.enter_context(model_store(model_fn, guide_fn, owner, exercise=exercise, training=True))
+            if owner is not None:
+                stack.enter_context(local_module_params())
+            if is_vae:
+                # Support was checked up front; per-step argument validation only costs time in the hot loop.
+                stack.enter_context(pyro.validation_enabled(False))
+            found: dict[int, tuple[str, torch.Tensor]] = {}
+            for (m, g), first in firsts:
+                for name, p in collect_params(m, g, owner, first, frozen):
+                    found.setdefault(id(p), (name, p))
+            params = list(found.values())
+            if ckpt_dir is not None:
+                checkpoint.check_space(ckpt_dir, params)
+            state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=lr))
+            if resume and ckpt_dir is not None:
+                _resume(ckpt_dir, state, owner)
+            trainer = Trainer(
+                state,
+                runs,
+                epochs=epochs,
+                beta=BetaSchedule(beta, kl_warmup * len(runs) * max(len(r.batches) for r in runs)),
+                val=val,
+                val_loss=val_loss,
+                clip_norm=clip_norm,
+                callbacks=callbacks,
+                pair=(model_fn, guide_fn),
+                device=dev,
+                memory_advice=memory_advice,
+            )
+            try:
+                trainer.fit()
+            except TrainingError as err:  # leave the state before the failure in place (the store, for functions)
+                failure = err
+        if failure is not None:
+            raise failure
+        return FitResult(
+            model_fn,
+            guide_fn,
+            owner,
+            history=state.history,
+            best_epoch=state.best_epoch,
+            stopped_early=state.stopped_early,
+            param_state=None if owner is not None else param_state,
+            optimizer=state.optimizer,
+            best_score=state.best_score,
+            best_params=state.best_params,
+        )
 
 
 def _batches(
@@ -354,7 +357,10 @@ def _stream_runs(
         if k == 0:
             batches = first_batches
         else:
-            batches = make_batches(st.data, st.batch_size or batch_size, dev, shuffle=True, what=what)
+            # A small stream (a few labels) without a batch_size of its own is one batch of all its rows.
+            batches = make_batches(
+                st.data, st.batch_size or batch_size, dev, shuffle=True, what=what, strict=st.batch_size is not None
+            )
             if check_against is not None and st.model is None:
                 batches.check_against(check_against)
         m, g = (st.model, st.guide) if st.model is not None else (model_fn, guide_fn)
