@@ -7,6 +7,7 @@ blocks (priors, likelihoods, guides, networks) compose into :class:`VAE`.
 from ppvae import data
 from ppvae._version import __version__
 from ppvae.diagnostics import Diagnosis, Evaluation, diagnose, evaluate
+from ppvae.diagnostics.check import ModelCheck, check_model
 from ppvae.errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
 from ppvae.infer import FitConfig, FitResult, fit
 from ppvae.io import load, save
@@ -21,6 +22,8 @@ __all__ = [
     "Evaluation",
     "diagnose",
     "Diagnosis",
+    "check_model",
+    "ModelCheck",
     "save",
     "load",
     "data",

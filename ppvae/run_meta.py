@@ -35,6 +35,8 @@ class RunMeta:
         latent_dim: the model's latent dimension.
         seed: the seed of the data split (and of training, for ``ppvae train``); None in files that lack it.
         model_file: the model file the model was built from (``ppvae train --model``), an absolute path.
+        model_options: the keyword options its ``build`` was given (``--model-option key=value``).
+        data_plate: the name of the plate holding the local latents and observations, when not ``"data"``.
         cell: the compare grid cell the run is (prior, likelihood, guide, objective, seed).
         history: fit's per-epoch records (:attr:`ppvae.FitResult.history`).
         summary: ``ppvae train``'s summary numbers (ELBOs, seconds, parameters).
@@ -49,6 +51,8 @@ class RunMeta:
     latent_dim: int | None = None
     seed: int | None = None
     model_file: str | None = None
+    model_options: dict[str, Any] | None = None
+    data_plate: str | None = None
     cell: dict[str, Any] | None = None
     history: list[dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None

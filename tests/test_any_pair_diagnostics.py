@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import config_enumerate
+from torch.distributions import MultivariateNormal, kl_divergence
 
 import ppvae
 from ppvae.data import LinearGaussian
@@ -164,3 +165,73 @@ def test_collapse_runs_through_diagnose_for_a_module_with_a_tuple_of_inputs():
     d = ppvae.diagnose(Conditional(), (X[:60], C[:60]), num_samples=50, **(NO_PARTS | {"collapse": True}))
     assert d.skipped == {} and d.failed == {}
     assert d.collapse.active_units == 2 and d.collapse.kl_per_dim is not None
+
+
+# Gaps against the exact answers of a correlated linear-Gaussian model (as tests/test_gaps.py does for a VAE): the
+# posterior is N(m(x), Σ), so q* in a full-covariance family is the posterior (approximation gap 0) and the best
+# mean-field q* falls short by KL_mf = ½ (Σ_d log Λ_dd − log det Λ), Λ = Σ⁻¹, for every x (Bishop 2006, §10.1.2).
+G = LinearGaussian(data_dim=6, latent_dim=2, noise=0.5, orthogonal=False, seed=9)
+XG, _ = G.sample(20, seed=1)
+IDX = [0, 3, 7, 11, 15, 19]
+
+
+def g_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("latent", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("obs", dist.Normal(z @ G.W.T + G.b, G.sigma).to_event(1), obs=x)
+
+
+def g_guide(family: str):
+    """A spoiled amortized guide of the given family: means shrunk to 0.7 m(x), covariance widened."""
+
+    def guide(x):
+        mean, cov = G.posterior(x)
+        loc = (0.7 * mean).float()
+        sd = cov.diagonal().sqrt().float()
+        with pyro.plate("data", x.shape[0]):
+            if family == "normal":
+                pyro.sample("latent", dist.Normal(loc, 1.5 * sd).to_event(1))
+            elif family == "mvn":
+                pyro.sample("latent", dist.MultivariateNormal(loc, (2 * cov).float()))
+            else:
+                pyro.sample("latent", dist.LowRankMultivariateNormal(loc, 0.1 * torch.ones(2, 1), 2 * sd**2))
+
+    return guide
+
+
+@pytest.mark.parametrize("family", ["normal", "mvn", "lowrank"])
+def test_gaps_of_a_function_pair_against_the_closed_form(family):
+    from ppvae.diagnostics.gaps import inference_gaps
+
+    g = inference_gaps(g_model, XG, guide=g_guide(family), index=IDX, steps=300, lr=0.02, num_particles=16,
+                       num_samples=4000, seed=0)  # fmt: skip
+    mean, cov = G.posterior(XG[IDX])
+    log_px = G.log_px(XG[IDX]).numpy()
+    lam = torch.linalg.inv(cov)
+    kl_mf = 0.5 * (lam.diagonal().log().sum() - torch.logdet(lam)).item() if family == "normal" else 0.0
+    assert g.converged
+    np.testing.assert_allclose(g.log_px, log_px, atol=0.02)
+    np.testing.assert_allclose(g.approximation, kl_mf, atol=0.02)
+    np.testing.assert_allclose(g.elbo_local, log_px - kl_mf, atol=0.03)
+    # The amortized guide's ELBO: log p(x) − KL(q ‖ p(z | x)), within 4 Monte Carlo standard errors sd(lw) / √S,
+    # sd(lw)² = ½ tr((Lᵀ Λ L − I)²) + δᵀ Λ Σ_q Λ δ (tests/test_gaps.py).
+    q_cov = {"normal": (2.25 * cov.diagonal()).diag(), "mvn": 2 * cov}.get(family)
+    if q_cov is None:
+        q_cov = 0.01 * torch.ones(2, 2, dtype=cov.dtype) + (2 * cov.diagonal()).diag()
+    kl = kl_divergence(MultivariateNormal(0.7 * mean, q_cov), MultivariateNormal(mean, cov)).numpy()
+    chol = torch.linalg.cholesky(q_cov)
+    spread = chol.T @ lam @ chol - torch.eye(2, dtype=cov.dtype)
+    delta = -0.3 * mean
+    var = 0.5 * torch.trace(spread @ spread) + torch.einsum("kd,de,ef,fg,kg->k", delta, lam, q_cov, lam, delta)
+    assert (np.abs(g.elbo_amortized - (log_px - kl)) < 4 * np.sqrt(var.numpy() / 4000)).all()
+    assert g.amortization.mean() == pytest.approx((kl - kl_mf).mean(), abs=0.05)
+
+
+def test_gaps_of_a_family_ppvae_cannot_refit_are_skipped_with_the_family_named():
+    def laplace_guide(x):
+        mean, _ = G.posterior(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("latent", dist.Laplace(mean.float(), 0.3).to_event(1))
+
+    d = ppvae.diagnose(g_model, XG, guide=laplace_guide, num_samples=50, **(NO_PARTS | {"gaps": True}))
+    assert "draws from Laplace" in d.skipped["gaps"] and d.failed == {}

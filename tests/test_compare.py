@@ -383,3 +383,93 @@ def test_only_the_builtin_vae_is_scored_through_a_view_by_levels(digits, tmp_pat
                               directory=tmp_path)  # fmt: skip
     assert own["scored_as"] is None and "density" in own["group"]
     assert "z_mean" not in np.load(tmp_path / "arrays.npz").files
+
+
+def test_a_users_bernoulli_pair_ranks_with_the_builtin_bernoulli_cells(tmp_path):
+    """The group comes from the observed site's support: a hand-written Bernoulli pair on the same binarized pixels
+    is a probability of the same data, ranked with the built-in Bernoulli VAE, not put apart as a density."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    binary = ppvae.data.load("digits", binarize="static", seed=0)
+
+    class TutorialPair(nn.Module):  # written as Pyro's VAE tutorial writes it: sites "latent" and "obs"
+        def __init__(self):
+            super().__init__()
+            self.dec, self.enc = nn.Linear(2, 64), nn.Linear(64, 4)
+
+        def model(self, x):
+            pyro.module("dec", self.dec)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+                logits = self.dec(z)
+                pyro.sample("obs", dist.Bernoulli(logits=logits).to_event(1), obs=x.reshape(-1, 64))
+
+        def guide(self, x):
+            pyro.module("enc", self.enc)
+            with pyro.plate("data", x.shape[0]):
+                h = self.enc(x.reshape(-1, 64))
+                pyro.sample("latent", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+
+    mine = TutorialPair()
+    ppvae.fit(mine, binary.train, epochs=2, progress=False, seed=0)
+    settings = dataclasses.replace(TINY, diagnose={"gaps": False, "reference": False, "sbc": False})
+    comp = compare(binary, likelihoods=["bernoulli"], models={"mine": mine}, settings=settings, out=tmp_path,
+                   progress=None)  # fmt: skip
+    df = comp.table()
+    assert df["status"].eq("ok").all() and df["group"].nunique() == 1
+    assert "probability of binary pixels" in df["group"].iloc[0] and sorted(df["rank"]) == [1, 2]
+
+
+def test_tuple_splits_give_a_conditional_pair_its_inputs_on_the_same_rows(tmp_path):
+    """A split (x, labels): the grid's cells model x, a conditional user pair gets both, on the same test rows; a
+    group given by name replaces the one read from the observed sites."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    binary = ppvae.data.load("digits", binarize="static", seed=0)
+    splits = dataclasses.replace(
+        binary,
+        train=(binary.train, binary.train_labels),
+        val=(binary.val, binary.val_labels),
+        test=(binary.test, binary.test_labels),
+    )
+    seen = []
+
+    class Conditional(nn.Module):  # p(x | z, y): the label is an input, not an observation
+        def __init__(self):
+            super().__init__()
+            self.dec, self.emb, self.enc = nn.Linear(2, 64), nn.Embedding(10, 64), nn.Linear(64, 4)
+
+        def model(self, x, y):
+            seen.append(y)
+            pyro.module("cond", self)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+                logits = self.dec(z) + self.emb(y)
+                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x.reshape(-1, 64))
+
+        def guide(self, x, y):
+            pyro.module("cond", self)
+            with pyro.plate("data", x.shape[0]):
+                h = self.enc(x.reshape(-1, 64))
+                pyro.sample("z", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+
+    mine = Conditional()
+    settings = dataclasses.replace(TINY, diagnose={"gaps": False, "reference": False, "sbc": False})
+    comp = compare(splits, likelihoods=["bernoulli"], models={"mine": mine, "mine again": mine},
+                   groups={"mine again": "my own group"}, settings=settings, out=tmp_path, progress=None)  # fmt: skip
+    df = comp.table().set_index("cell")
+    assert df["status"].eq("ok").all()
+    rows = compare_cells.test_rows(len(binary.test), settings.max_test_points)
+    assert any(torch.equal(y, binary.test_labels[torch.as_tensor(rows)]) for y in seen)  # the labels of those rows
+    (cell,) = [c for c in df.index if not c.startswith("mine")]
+    assert df.loc["mine", "group"] == df.loc[cell, "group"]  # a probability of the same binary pixels
+    assert df.loc["mine again", "group"] == "my own group" and df.loc["mine again", "rank"] == 1
+    with pytest.raises(ppvae.ConfigError, match="not among the fitted models"):
+        compare(splits, models={"mine": mine}, groups={"other": "g"}, settings=settings)
+    bad = dataclasses.replace(splits, test=(binary.test, binary.test_labels[:5]))
+    with pytest.raises(ppvae.ConfigError, match="different numbers of rows"):
+        compare(bad, models={"mine": mine}, settings=settings)

@@ -13,7 +13,8 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,13 +29,14 @@ from ppvae.blocks.guides import GUIDES
 from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import default_likelihood, parse_block, with_levels
-from ppvae.cli.args import count_arg, fit_arg, seed_arg
+from ppvae.cli.args import count_arg, fit_arg, model_option_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
 from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_command, evaluate_command
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
 from ppvae.infer.config import ON_NONFINITE, FitConfig
 from ppvae.infer.objectives import OBJECTIVES
+from ppvae.infer.observed import observed_discrete
 from ppvae.infer.train import fit
 from ppvae.run_meta import RunMeta
 from ppvae.vae import VAE
@@ -51,8 +53,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim); "
-        "replaces --prior/--likelihood/--guide/--encoder/--decoder",
+        help="a model file (e.g. models/factor_analysis.py) defining build(data_shape, latent_dim, **options) "
+        "(with a parameter named splits, it also gets the data splits: shapes, levels, labels, sizes); its folder "
+        "is importable; replaces --prior/--likelihood/--guide/--encoder/--decoder",
+    )
+    p.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=model_option_arg,
+        help="a keyword option for the model file's build (repeat for more; VALUE read as JSON, else as text), "
+        "recorded in the run so evaluate/diagnose/sample rebuild the same model",
+    )
+    p.add_argument(
+        "--data-plate",
+        default=None,
+        metavar="NAME",
+        help="the model's plate holding local latents and observations, when not 'data' (recorded in the run)",
     )
     p.add_argument("--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value")
     p.add_argument(
@@ -161,9 +179,13 @@ def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.Dat
     meta = RunMeta.of_data(splits, latent_dim=args.latent_dim, seed=args.seed)
     # The initial weights come from torch's global RNG: seed it first, so one --seed reproduces the whole run.
     pyro.set_rng_seed(args.seed)
+    if args.model_option and not args.model:
+        raise ConfigError("--model-option is for a model file's build; give --model FILE too")
+    meta = dataclasses.replace(meta, data_plate=args.data_plate)
     if args.model:
-        model = build_from_file(args.model, splits.data_shape, args.latent_dim)
-        meta = dataclasses.replace(meta, model_file=str(Path(args.model).resolve()))
+        options = dict(args.model_option)
+        model = build_from_file(args.model, splits.data_shape, args.latent_dim, splits=splits, options=options)
+        meta = dataclasses.replace(meta, model_file=str(Path(args.model).resolve()), model_options=options or None)
     else:
         likelihood = args.likelihood or default_likelihood(splits)
         model = VAE(
@@ -206,15 +228,42 @@ def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, se
         "train_seconds": round(seconds, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    discrete = None
     for split in ("val", "test"):
         x = getattr(splits, split)
         if x is not None:
+            if discrete is None:
+                discrete = _is_discrete(model, x[:2])
             torch.manual_seed(0)
-            elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]
+            with _eval_mode(model):  # dropout off, BatchNorm on its running statistics: the model as it is scored
+                elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]
             summary[f"{split}_elbo"] = round(elbo, 4)
-            summary[f"{split}_elbo_bits_per_dim"] = round(-elbo / (math.log(2) * math.prod(splits.data_shape)), 4)
+            if discrete:  # bits/dim of a density would depend on the units of x: not a number to compare
+                summary[f"{split}_elbo_bits_per_dim"] = round(-elbo / (math.log(2) * math.prod(splits.data_shape)), 4)
     summary["final_train_loss"] = round(result.history[-1]["train_loss"], 4)
     return summary
+
+
+def _is_discrete(model: Any, x: torch.Tensor) -> bool:
+    """Whether the model's log-likelihood is a probability of the data (its likelihood says, or its observed sites'
+    supports, read from one run of the pair)."""
+    likelihood = getattr(model, "likelihood", None)
+    if isinstance(getattr(likelihood, "discrete", None), bool):
+        return likelihood.discrete
+    with _eval_mode(model):
+        return bool(observed_discrete(model.model, model.guide, x))
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was = model.training if isinstance(model, torch.nn.Module) else None
+    if was is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was is not None:
+            model.train(was)
 
 
 def _print_summary(summary: dict, out: str) -> None:
@@ -224,10 +273,9 @@ def _print_summary(summary: dict, out: str) -> None:
     )
     for split in ("val", "test"):
         if f"{split}_elbo" in summary:
-            print(
-                f"  {split:4s} ELBO  {summary[f'{split}_elbo']:9.3f} nats/datapoint   "
-                f"{summary[f'{split}_elbo_bits_per_dim']:.4f} bits/dim (upper bound)"
-            )
+            bits = summary.get(f"{split}_elbo_bits_per_dim")
+            shown = f"   {bits:.4f} bits/dim (upper bound)" if bits is not None else "   (a density: no bits/dim)"
+            print(f"  {split:4s} ELBO  {summary[f'{split}_elbo']:9.3f} nats/datapoint{shown}")
     print(f"saved run: {out}/model.pt   summary: {out}/summary.json")
     if "samples" in summary:
         print(f"samples: {summary['samples']}")
@@ -240,9 +288,7 @@ def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, 
     if hasattr(model, "generate"):
         x = model.generate(num)  # E[x | z] for z ~ p(z): smoother pictures than one draw of x
     else:
-        from pyro.infer import Predictive
-
-        x = Predictive(model.model, num_samples=1)(None, num)["x"][0]
+        x = _predict(model, num)
     shape = tuple(data_shape)
     if len(shape) == 3 and shape[0] in (1, 3):
         from ppvae.report.figures import image_grid
@@ -252,6 +298,31 @@ def write_samples(model: torch.nn.Module, data_shape: Sequence[int], out: Path, 
     out = out.with_suffix(".npy")
     np.save(out, x.numpy())
     return out
+
+
+def _predict(model: Any, num: int) -> torch.Tensor:
+    """``num`` datapoints from a model file's module by its generation path: ``model(None, batch_size=num)``
+    returning them or sampling them at its one observed site (the convention every ppvae diagnostic reads)."""
+    from pyro import poutine
+
+    try:
+        trace = poutine.trace(model.model).get_trace(None, batch_size=num)
+    except Exception as err:  # a user's model: say what the convention is, in one line
+        raise ConfigError(
+            f"cannot generate from this run's model: model(None, batch_size={num}) raised {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}; to sample, give the model a generation path: "
+            "model(x=None, batch_size=1) samples the latents inside its data plate and the data at its observed site"
+        ) from None
+    value = trace.nodes["_RETURN"]["value"]
+    if torch.is_tensor(value) and value.shape[:1] == (num,):
+        return value
+    sites = [n for n, site in trace.nodes.items() if site["type"] == "sample" and site["name"] == "x"]
+    if sites:
+        return trace.nodes["x"]["value"]
+    raise ConfigError(
+        f"cannot generate from this run's model: model(None, batch_size={num}) neither returned {num} datapoints nor "
+        "sampled a site named 'x'; return the generated data from model"
+    )
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import inspect
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ def load_model_file(path: str | Path) -> Any:
         raise ConfigError(f"cannot import model file {path}: Python has no loader for it")
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with _importable(path.parent):
+            spec.loader.exec_module(module)
     except Exception as err:  # a user's file: report its error in one line
         raise ConfigError(f"cannot import model file {path}: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, "build", None)):
@@ -40,12 +44,59 @@ def load_model_file(path: str | Path) -> Any:
     return module
 
 
-def build_from_file(path: str | Path, data_shape: Sequence[int], latent_dim: int) -> Any:
-    module = load_model_file(path)
+@contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    """The model file's own folder first on ``sys.path`` while it is imported and built, as ``python file.py`` would
+    have it, so the file can import its sibling modules; ``sys.path`` is as it was afterwards."""
+    entry = str(folder.resolve())
+    sys.path.insert(0, entry)
     try:
-        return module.build(tuple(data_shape), latent_dim)
+        yield
+    finally:
+        try:
+            sys.path.remove(entry)
+        except ValueError:  # the user's code removed it already
+            pass
+
+
+def build_from_file(
+    path: str | Path,
+    data_shape: Sequence[int],
+    latent_dim: int,
+    *,
+    splits: datamod.DataSplits | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """The model a file's ``build`` returns.
+
+    ``build(data_shape, latent_dim, **options)`` gets ``splits=`` (the :class:`~ppvae.data.DataSplits`: shapes,
+    levels, labels, sizes) when its signature names a ``splits`` parameter, and the ``--model-option key=value``
+    options as keyword arguments. A build that does not take an option given is refused by name.
+    """
+    module = load_model_file(path)
+    options = dict(options or {})
+    params = inspect.signature(module.build).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in options if k not in params and not takes_any)
+    if unknown:
+        raise ConfigError(
+            f"build() in model file {path} takes no option(s) {unknown}; its parameters are "
+            f"{[n for n in params if n not in ('data_shape', 'latent_dim')]}"
+        )
+    if "splits" in params:
+        if splits is None:
+            raise ConfigError(f"build() in model file {path} asks for splits= but no dataset is known for this run")
+        options["splits"] = splits
+    try:
+        with _importable(Path(path).parent):
+            return module.build(tuple(data_shape), latent_dim, **options)
     except Exception as err:  # a user's file: report its error in one line
         raise ConfigError(f"build() in model file {path} failed: {type(err).__name__}: {err}") from None
+
+
+def wants_splits(path: str | Path) -> bool:
+    """Whether a model file's ``build`` takes ``splits=`` (the run's data must then be loaded to rebuild it)."""
+    return "splits" in inspect.signature(load_model_file(path).build).parameters
 
 
 def run_path(run: str) -> Path:
@@ -70,7 +121,10 @@ def load_run(run: str) -> tuple[torch.nn.Module, dict]:
                 f"{path} names the model file {meta.model_file} but records no data_shape or latent_dim to build it "
                 "with; load it in Python with ppvae.load(path, model=...)"
             )
-        model = build_from_file(meta.model_file, meta.data_shape, meta.latent_dim)
+        splits = _splits_of(meta, path) if wants_splits(meta.model_file) else None
+        model = build_from_file(
+            meta.model_file, meta.data_shape, meta.latent_dim, splits=splits, options=meta.model_options
+        )
         return io.load(path, model=model), stored
     raise ConfigError(
         f"{path} holds a custom model without a model file; load it in Python with ppvae.load(path, model=...)"
@@ -82,6 +136,17 @@ def split_data(meta: RunMeta | dict, split: str, path: Path, seed: int) -> torch
 
     ``meta``: the run's :class:`RunMeta`, or its stored dict. A file without a split seed (older ones) used 0.
     """
+    splits = _splits_of(meta, path)
+    x = getattr(splits, split)
+    if x is None or len(x) == 0:
+        raise ConfigError(f"dataset {splits.name!r} has no {split} split; choose another --split")
+    if isinstance(x, datamod.DynamicBinarized):  # one seeded draw, so every diagnostic sees the same binary data
+        x = torch.bernoulli(x.grey, generator=torch.Generator().manual_seed(seed))
+    return x
+
+
+def _splits_of(meta: RunMeta | dict, path: Path) -> datamod.DataSplits:
+    """The run's dataset, loaded and split as in training."""
     meta = meta if isinstance(meta, RunMeta) else RunMeta.from_dict(meta)
     if meta.dataset is None or meta.data_shape is None:
         raise ConfigError(
@@ -94,9 +159,4 @@ def split_data(meta: RunMeta | dict, split: str, path: Path, seed: int) -> torch
             f"dataset {meta.dataset!r} now holds datapoints of shape {list(splits.data_shape)}, but the run was "
             f"trained on shape {meta.data_shape}; restore the training data"
         )
-    x = getattr(splits, split)
-    if x is None or len(x) == 0:
-        raise ConfigError(f"dataset {splits.name!r} has no {split} split; choose another --split")
-    if isinstance(x, datamod.DynamicBinarized):  # one seeded draw, so every diagnostic sees the same binary data
-        x = torch.bernoulli(x.grey, generator=torch.Generator().manual_seed(seed))
-    return x
+    return splits

@@ -41,6 +41,17 @@ def _add_scoring_args(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument("--out", default=None, help=f"directory to write (default RUN/{what})")
     p.add_argument("--seed", type=seed_arg, default=0, help="seeds the importance samples and every diagnostic")
+    p.add_argument(
+        "--data-plate",
+        default=None,
+        metavar="NAME",
+        help="the model's plate holding local latents and observations (default: as recorded by ppvae train "
+        "--data-plate, else 'data')",
+    )
+
+
+def _data_plate(args: argparse.Namespace, meta: dict) -> str:
+    return args.data_plate or meta.get("data_plate") or "data"
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +110,15 @@ def evaluate_command(args: argparse.Namespace) -> None:
     path = run_path(args.run)
     x = split_data(meta, args.split, path, args.seed)
     t0 = time.perf_counter()
-    ev = evaluate(model, x, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, split=args.split)
+    ev = evaluate(
+        model,
+        x,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        split=args.split,
+        data_plate=_data_plate(args, meta),
+    )
     summary = {"run": str(path), "dataset": meta["dataset"], **ev.summary(), "seed": args.seed}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(args.out) if args.out else path.parent / "evaluation"
@@ -149,7 +168,7 @@ def diagnose_command(args: argparse.Namespace) -> None:
     if args.max_points < n:  # evenly spaced rows: the split is already a seeded permutation of the dataset
         rows = np.unique(np.linspace(0, n - 1, args.max_points).round().astype(np.int64))
         x = x[torch.as_tensor(rows)]
-    diagnosis = diagnose(model, x, config=config, seed=args.seed, split=args.split)
+    diagnosis = diagnose(model, x, config=config, seed=args.seed, split=args.split, data_plate=_data_plate(args, meta))
     source = {"run": str(path), "dataset": meta["dataset"], "split": args.split, "split_size": n}
     source["rows"] = "all" if len(x) == n else f"{len(x)} evenly spaced rows of {n}"
     _report_diagnosis(diagnosis, Path(args.out) if args.out else path.parent / "diagnosis", source)

@@ -129,13 +129,27 @@ class GridSettings:
 
 
 def data_fingerprint(splits: DataSplits) -> str:
-    """sha256 over the dataset's name, preprocessing and every split's values: a cache never outlives its data."""
+    """sha256 over the dataset's name, preprocessing and every split's values (every part of a tuple split): a cache
+    never outlives its data."""
     h = hashlib.sha256(json.dumps([splits.name, splits.preprocessing, splits.levels], sort_keys=True).encode())
-    for part in (splits.train, splits.val, splits.test):
-        t = getattr(part, "grey", part)  # DynamicBinarized keeps the grey levels in .grey
-        if isinstance(t, torch.Tensor):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for split in (splits.train, splits.val, splits.test):
+        for part in split if isinstance(split, tuple) else (split,):
+            t = getattr(part, "grey", part)  # DynamicBinarized keeps the grey levels in .grey
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def observations(split: Any) -> Any:
+    """The data ``x`` of a split: the split itself, or the first part of a tuple ``(x, *inputs)``. Built-in VAE cells
+    model ``x`` alone; a user's pair is given the whole tuple."""
+    return split[0] if isinstance(split, tuple) else split
+
+
+def split_rows(split: Any, rows: np.ndarray) -> Any:
+    """The same rows of every part of a split (a tensor or a tuple of tensors with one first dim)."""
+    index = torch.as_tensor(rows)
+    return tuple(part[index] for part in split) if isinstance(split, tuple) else split[index]
 
 
 # The GridSettings fields that decide a cell's trained model; the others (num_samples, max_test_points, diagnose)
@@ -357,8 +371,8 @@ def _run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory:
             model = build_vae(cell, settings, splits)
             history = fit(
                 model,
-                splits.train,
-                val_data=splits.val,
+                observations(splits.train),
+                val_data=observations(splits.val),
                 checkpoint_dir=directory / "checkpoints",
                 resume=True,
                 progress=False,
@@ -396,17 +410,30 @@ def run_meta(splits: DataSplits, settings: GridSettings, cell: Cell, history: li
 
 
 def score(
-    model: Any, splits: DataSplits, settings: GridSettings, *, seed: int, directory: Path, guide: Any = None
+    model: Any,
+    splits: DataSplits,
+    settings: GridSettings,
+    *,
+    seed: int,
+    directory: Path,
+    guide: Any = None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """Diagnose ``model`` (with ``guide`` for a pair of functions) on the grid's test rows; write arrays.npz and
-    diagnosis.nc; return summary numbers."""
+    diagnosis.nc; return summary numbers.
+
+    The comparability group comes from what the scores are (:func:`group_of`: the observed sites' support, read by
+    :func:`ppvae.evaluate`, and the preprocessing); ``group`` names it instead. A tuple test split ``(x, *inputs)``
+    is given whole to a user's pair and as ``x`` to a built-in VAE, on the same rows.
+    """
     from ppvae.blocks.discretize import scoring_view
 
-    rows = test_rows(len(splits.test), settings.max_test_points)
-    x = splits.test[torch.as_tensor(rows)]
+    rows = test_rows(len(observations(splits.test)), settings.max_test_points)
     # Only an unmodified ppvae.VAE is known to score x through its own likelihood, so only its view by levels (and
     # its encoder, reconstructions and samples below) can be trusted; any other pair is scored as it is.
     vae = model if as_pair(model, guide, what="compare").is_builtin_vae else None
+    inputs = split_rows(splits.test, rows)
+    x = observations(inputs) if vae is not None else inputs
     scored = scoring_view(vae, levels=splits.levels) if vae is not None and splits.levels else model
     with warnings.catch_warnings(record=True) as caught:  # kept with the cell, shown in its row of the table
         warnings.simplefilter("always")
@@ -416,7 +443,7 @@ def score(
     ev = d.evaluation
     if not np.isfinite(ev.log_px).any():
         raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
-    out = {"diagnosis": d.to_dict(), "group": group_of(splits, ev.discrete), "num_test": len(rows)}
+    out = {"diagnosis": d.to_dict(), "group": group or group_of(splits, ev.discrete), "num_test": len(rows)}
     out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)
     arrays: dict[str, np.ndarray] = {"rows": rows, "log_px": ev.log_px, "elbo": ev.elbo, "khat": d.khat}

@@ -50,6 +50,7 @@ from ppvae.compare.cells import (
     check_blocks,
     data_fingerprint,
     load_cell,
+    observations,
     run_cell,
     score,
     train_key,
@@ -160,6 +161,7 @@ def compare(
     objectives: Sequence[str] = (FitConfig().objective,),
     seeds: Sequence[int] = (0,),
     models: dict[str, Any] | None = None,
+    groups: dict[str, str] | None = None,
     settings: GridSettings | None = None,
     out: str | Path | None = None,
     jobs: int = 1,
@@ -175,7 +177,12 @@ def compare(
             ``{"name":, "kwargs":}`` specs (likelihood ``None``: the data's default).
         models: already-fitted models to score alongside, ``name → model``: a ppvae.VAE, an object with
             ``model``/``guide`` methods, or a ``(model_fn, guide_fn)`` tuple (a user's own pair); scored each call,
-            not cached.
+            not cached. Its comparability group comes from its observed sites (a discrete support is a probability
+            of the data, ranked with the built-in cells on the same preprocessing; a continuous one a density).
+            A tuple split ``(x, *inputs)`` (data plus conditioning inputs, the same first dim) is given whole to
+            these models and as ``x`` to the grid's cells, on the same rows.
+        groups: ``name → group`` for fitted models whose group you set yourself (their rank is then among the
+            cells of that group name only).
         settings: what every cell shares (networks, budget, S, test rows, diagnostics); default
             :class:`GridSettings`.
         out: cache directory (``out/cells/<hash>/``); a rerun with the same directory reuses every finished cell,
@@ -197,7 +204,7 @@ def compare(
     # Everything is checked before the cache directory is made or a cell starts: a typo costs no training.
     cells = check_grid(
         data, priors=priors, likelihoods=likelihoods, guides=guides, objectives=objectives, seeds=seeds,
-        models=models, settings=settings,
+        models=models, groups=groups, settings=settings,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() if out is None else locked_dir(Path(out)) as root:
         root = Path(root)
@@ -227,7 +234,7 @@ def compare(
             for result, d in zip(ordered, dirs, strict=True):
                 result["directory"] = str(d)
         for name, model in (models or {}).items():
-            ordered.append(_score_fitted(name, model, data, settings, root / "fitted"))
+            ordered.append(_score_fitted(name, model, data, settings, root / "fitted", (groups or {}).get(name)))
             _say(progress, ordered[-1], "scored")
     varying = {k: len({getattr(c, k) for c in cells}) > 1 for k in ("objective", "seed")}
     for cell, result in zip(cells, ordered, strict=False):
@@ -245,6 +252,7 @@ def check_grid(
     objectives: Sequence[str] = (FitConfig().objective,),
     seeds: Sequence[int] = (0,),
     models: dict[str, Any] | None = None,
+    groups: dict[str, str] | None = None,
     settings: GridSettings | None = None,
 ) -> list[Cell]:
     """The cells of a grid (arguments as for :func:`compare`), once every name, block spec and setting is checked.
@@ -264,8 +272,15 @@ def check_grid(
             raise ConfigError(f"{name} must be a list of values (one per grid row), got {axis!r}; write [{axis!r}]")
     if models is not None and not (isinstance(models, dict) and all(isinstance(k, str) for k in models)):
         raise ConfigError(f"models must be a dict of name → fitted model, got {type(models).__name__}")
-    if data.test is None or len(data.test) == 0:
+    if groups is not None:
+        if not isinstance(groups, dict) or not all(isinstance(v, str) and v for v in groups.values()):
+            raise ConfigError(f"groups must be a dict of fitted model name → group name, got {groups!r}")
+        unknown = sorted(set(groups) - set(models or {}))
+        if unknown:
+            raise ConfigError(f"groups names {unknown}, which are not among the fitted models {sorted(models or {})}")
+    if data.test is None or len(observations(data.test)) == 0:
         raise ConfigError(f"dataset {data.name!r} has no test split to score the cells on")
+    _check_tuple_splits(data)
     _check_settings(settings, data)
     from ppvae.infer.objectives import make_objective
 
@@ -284,6 +299,20 @@ def check_grid(
     if cells:
         check_blocks(cells, settings, data)
     return cells
+
+
+def _check_tuple_splits(data: DataSplits) -> None:
+    """A tuple split ``(x, *inputs)`` must be tensors with one first dim: the same rows of each are scored."""
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        if not isinstance(split, tuple):
+            continue
+        if not split or not all(isinstance(p, torch.Tensor) for p in split):
+            raise ConfigError(f"the {name} split is a tuple; each of its parts must be a tensor (x, *inputs)")
+        sizes = {len(p) for p in split}
+        if len(sizes) != 1:
+            raise ConfigError(f"the {name} split's parts have different numbers of rows {sorted(sizes)}: give each "
+                              "part one row per datapoint")  # fmt: skip
 
 
 def _check_settings(settings: GridSettings, data: DataSplits) -> None:
@@ -443,14 +472,16 @@ def _worker_cell(cell: Cell, settings: GridSettings, directory: Path) -> dict:
     return run_cell(cell, settings, _WORKER_DATA, directory)
 
 
-def _score_fitted(name: str, model: Any, data: DataSplits, settings: GridSettings, root: Path) -> dict:
+def _score_fitted(
+    name: str, model: Any, data: DataSplits, settings: GridSettings, root: Path, group: str | None = None
+) -> dict:
     """Score an already-fitted model (a VAE or a user's pair) like a grid cell; failures become rows."""
     directory = root / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     directory.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"label": name, "cell": {"fitted": name}, "status": "ok", "error": None, "history": []}
     try:
         model, guide = model if isinstance(model, tuple) else (model, None)  # a (model_fn, guide_fn) pair
-        result.update(score(model, data, settings, seed=0, directory=directory, guide=guide))
+        result.update(score(model, data, settings, seed=0, directory=directory, guide=guide, group=group))
     except Exception as err:  # noqa: BLE001 - reported in the table
         result.update(status="failed", error=f"{type(err).__name__}: {err}")
     write_json_atomic(directory / "result.json", result)

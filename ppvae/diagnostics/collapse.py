@@ -31,6 +31,7 @@ from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import CollapseConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import AmortizedEncoder, as_pair
 from ppvae.infer.sites import data_axis, discover_sites, per_datapoint_args, site_log_prob_rows, site_rows, take_rows
 
@@ -133,7 +134,8 @@ def posterior_collapse(
     x = torch.as_tensor(data)
     if len(x) > num_points:
         x = x[torch.randperm(len(x), generator=gen)[:num_points]]
-    with local_module_params(), fork_rngs():  # the global RNGs are the caller's again afterwards
+    # The global RNGs are the caller's again afterwards; the networks in eval mode, as they were afterwards.
+    with local_module_params(), fork_rngs(), scoring_mode(vae):
         torch.manual_seed(seed)
         q, p = vae.encode(x), vae.prior()
         z = q.sample((num_samples,))  # (S, M, D)
@@ -192,7 +194,8 @@ def pair_collapse(
     rows = torch.randperm(n, generator=gen)[:num_points] if n > num_points else torch.arange(n)
     batch = take_rows(args, rows, n)
     store = model_store(pair.model, pair.guide, pair.owner, exercise=lambda: (pair.guide(*batch), pair.model(*batch)))
-    with store, local_module_params(), fork_rngs(), poutine.block(), torch.no_grad():
+    # Eval mode first (flags and buffers given back afterwards), then the pair's own parameter store.
+    with scoring_mode(pair.owner, pair.model, pair.guide), store, local_module_params(), fork_rngs(), poutine.block():
         torch.manual_seed(seed)
         sites = discover_sites(pair.model, pair.guide, batch, data_plate=data_plate)
         names = sites.latents(latent_sites, "posterior collapse")

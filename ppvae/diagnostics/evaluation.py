@@ -12,6 +12,7 @@ computed in chunks over data and particles so memory stays bounded whatever N an
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -31,8 +32,10 @@ from ppvae._stats import mean_se
 from ppvae._validate import COUNT, check, check_seed
 from ppvae.data import as_tensor
 from ppvae.data.batches import make_batches
-from ppvae.errors import ConfigError, DataError
-from ppvae.infer.logweights import log_weights, plate_nesting
+from ppvae.errors import ConfigError, DataError, PPVAEError
+from ppvae.infer.eval_mode import scoring_mode
+from ppvae.infer.logweights import log_weights, particles_broadcast, plate_nesting
+from ppvae.infer.observed import observed_discrete
 from ppvae.infer.pair import is_builtin_vae, resolve_device, resolve_pair
 
 __all__ = ["Evaluation", "evaluate", "iter_log_weights"]
@@ -54,6 +57,8 @@ class Evaluation:
         log_weights: ``(N, S)`` float32, kept when asked (``keep_log_weights=True``).
         data_dim: number of elements per datapoint (for bits/dim).
         discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
+        particles: how the particles were drawn: ``"vectorized"`` (all in one pass) or ``"sequential (why)"``
+            (one at a time, for a pair that does not broadcast over a leading particle dim).
     """
 
     elbo: np.ndarray
@@ -65,6 +70,7 @@ class Evaluation:
     kl: np.ndarray | None = None
     log_weights: np.ndarray | None = field(default=None, repr=False)
     split: str | None = None
+    particles: str | None = None
 
     @property
     def inference_gap(self) -> np.ndarray:
@@ -103,6 +109,7 @@ class Evaluation:
             "split": self.split or "",
             "estimator": f"elbo: mean of {self.num_samples} log-weights; log_px: IWAE_{self.num_samples}",
             "units": "nats; bits_per_dim in bits per dimension",
+            "particles": self.particles or "",
         }
 
     def to_inference_data(self) -> Any:
@@ -157,14 +164,37 @@ def iter_log_weights(
     batch_size: int | None = None,
     data_plate: str = "data",
     device: str | torch.device | None = "cpu",
+    vectorize: bool | None = None,
 ) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
     """Yield ``(rows, lw, log_lik, kl)`` chunks: ``lw (B, S_chunk)`` for datapoints ``rows`` (CPU float32).
 
     Chunks cover every datapoint (in order) and every particle; ``log_lik``/``kl`` are given for a ppvae.VAE.
     The chunks of one block of rows are views into ``(B, S)`` buffers allocated when the block starts.
+
+    The pair is scored in eval mode without gradients, and every module it calls gets its training flag and
+    buffers back afterwards (:func:`ppvae.infer.eval_mode.scoring_mode`). ``vectorize``: draw a chunk's particles
+    in one pass (True), one at a time (False), or (None) in one pass when a trial on the first batch shows the
+    pair broadcasts over a leading particle dim correctly (:func:`ppvae.infer.logweights.particles_broadcast`).
     """
+    yield from _iter_log_weights(model, data, guide, num_samples, batch_size, data_plate, device, vectorize, {})
+
+
+def _iter_log_weights(
+    model: Any,
+    data: Any,
+    guide: Callable | None,
+    num_samples: int,
+    batch_size: int | None,
+    data_plate: str,
+    device: str | torch.device | None,
+    vectorize: bool | None,
+    info: dict[str, Any],
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
+    """:func:`iter_log_weights`, recording in ``info["particles"]`` how particles were drawn."""
     num_samples = check("num_samples", num_samples, COUNT)
     batch_size = 256 if batch_size is None else check("batch_size", batch_size, COUNT)
+    if vectorize is not None and not isinstance(vectorize, (bool, np.bool_)):
+        raise ConfigError(f"vectorize must be None (decided by a trial run), True or False; got {vectorize!r}")
     model_fn, guide_fn, owner = resolve_pair(model, guide)
     dev = resolve_device(device)
     if owner is not None:
@@ -179,9 +209,13 @@ def iter_log_weights(
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None
     start = 0
-    # The model's own pyro.param values (ppvae._param_store), held while the chunks are produced.
+    decided_by_trial = vectorize is None
+    roots = (owner,) if fast else (owner, model_fn, guide_fn)
+    # Eval mode first, so that binding a loaded pair's networks (the store's exercise run) moves no statistics; then
+    # the model's own pyro.param values (ppvae._param_store), held while the chunks are produced.
+    evaluating = scoring_mode(*roots)
     own_store = model_store(model_fn, guide_fn, owner, exercise=lambda: _run_once(model_fn, guide_fn, batches.first()))
-    with torch.no_grad(), local_module_params() if owner is not None else nullcontext(), own_store:
+    with evaluating, local_module_params() if owner is not None else nullcontext(), own_store:
         for batch in batches:
             n = batches.batch_len(batch)
             chunk = max(1, min(num_samples, _CHUNK_ELEMENTS // (n * max(out_size, 1))))
@@ -191,25 +225,50 @@ def iter_log_weights(
             out = torch.empty(3 if fast else 1, n, num_samples)
             if fast:  # the guide and prior distributions do not depend on the particles: build them once
                 q, prior = owner.encode(batch[0]), owner.prior()
+            elif nesting is None:
+                nesting = plate_nesting(model_fn, guide_fn, *batch)
+                vectorize = _decide(vectorize, model_fn, guide_fn, batch, data_plate, nesting, info)
             for s0 in range(0, num_samples, chunk):
                 cols = slice(s0, min(num_samples, s0 + chunk))
                 if fast:
                     for buffer, value in zip(out, _vae_chunk(owner, q, prior, batch[0], cols.stop - s0), strict=True):
                         buffer[:, cols] = value
                     yield rows, out[0, :, cols], out[1, :, cols], out[2, :, cols]
-                else:
-                    if nesting is None:
-                        nesting = plate_nesting(model_fn, guide_fn, *batch)
-                    out[0, :, cols] = log_weights(
-                        model_fn,
-                        guide_fn,
-                        *batch,
-                        num_samples=cols.stop - s0,
-                        data_plate=data_plate,
-                        max_plate_nesting=nesting,
-                    )
-                    yield rows, out[0, :, cols], None, None
+                    continue
+                weigh = functools.partial(
+                    log_weights,
+                    model_fn,
+                    guide_fn,
+                    *batch,
+                    num_samples=cols.stop - s0,
+                    data_plate=data_plate,
+                    max_plate_nesting=nesting,
+                )
+                try:
+                    out[0, :, cols] = weigh(vectorize=vectorize)
+                except Exception as err:
+                    if not (vectorize and decided_by_trial) or isinstance(err, PPVAEError):
+                        raise
+                    # The trial's batch broadcast, this one does not (a last, shorter batch): one at a time from here.
+                    vectorize = False
+                    info["particles"] = f"sequential (from datapoint {start}: {type(err).__name__})"
+                    out[0, :, cols] = weigh(vectorize=False)
+                yield rows, out[0, :, cols], None, None
             start += n
+    info.setdefault("particles", "vectorized" if fast else None)
+
+
+def _decide(
+    vectorize: bool | None, model: Callable, guide: Callable, batch: tuple, data_plate: str, nesting: int, info: dict
+) -> bool:
+    """``vectorize`` as given, or (None) whether a trial on ``batch`` shows the pair broadcasts over particles."""
+    if vectorize is None:
+        with fork_rngs():  # the trial's draws leave the evaluation's own draws as they were without it
+            reason = particles_broadcast(model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting)
+        info["particles"] = "vectorized" if reason is None else f"sequential ({reason})"
+        return reason is None
+    info["particles"] = "vectorized" if vectorize else "sequential (asked for)"
+    return bool(vectorize)
 
 
 def _run_once(model_fn: Callable, guide_fn: Callable, args: tuple) -> None:
@@ -268,6 +327,7 @@ def evaluate(
     keep_log_weights: bool = False,
     discrete: bool | None = None,
     split: str | None = None,
+    vectorize: bool | None = None,
 ) -> Evaluation:
     """Score a model/guide pair on ``data`` by importance sampling with its guide as proposal.
 
@@ -277,8 +337,16 @@ def evaluate(
         num_samples: S importance samples per datapoint (≥ 2).
         batch_size: datapoints per chunk (default 256; particles are chunked to bound memory).
         keep_log_weights: keep the ``(N, S)`` float32 log-weights (needed by :func:`ppvae.diagnose`).
-        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; else False).
+        discrete: whether log-likelihoods are log-probabilities (default: the VAE's likelihood says; for any other
+            pair the supports of its observed sites, read from one run: None when they are mixed or absent).
         split: a label for reports ("test", "val").
+        vectorize: draw particles in one pass (True) or one at a time (False); None (default) decides by a trial
+            on the first batch (:func:`ppvae.infer.logweights.particles_broadcast`): a pair with a
+            ``BatchNorm1d`` decoder or a ``(batch, D)`` mask is scored one particle at a time, with the same
+            numbers. ``Evaluation.particles`` says which was used.
+
+    The pair is scored in eval mode (dropout off, BatchNorm on its running statistics) without gradients; every
+    module it calls gets its training flag and its buffers back afterwards, also when the call raises.
 
     Returns:
         :class:`Evaluation`. A datapoint whose log-weights are NaN or infinite gets NaN/inf entries and is listed
@@ -308,18 +376,11 @@ def evaluate(
     if keep_log_weights:
         _check_memory(_num_rows(data), num_samples, 1)
     parts: dict[str, list[np.ndarray]] = {}
+    info: dict[str, Any] = {}
     # A seed gives the same numbers as reseeding the global RNGs did, on copies of them: the caller's stay as they
     # were. Without one, sampling draws from (and advances) the caller's RNGs.
     with fork_rngs(check_seed(seed)) if seed is not None else nullcontext():
-        chunks = iter_log_weights(
-            model,
-            data,
-            guide=guide,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            data_plate=data_plate,
-            device=device,
-        )
+        chunks = _iter_log_weights(model, data, guide, num_samples, batch_size, data_plate, device, vectorize, info)
         # Chunks of one block of datapoints arrive together. Each is reduced in float64 as it comes and the chunks'
         # sums and log-sum-exps are combined: no (B, S) float64 copy per block (its allocations, 10 MB at B = 256,
         # S = 5000, slowly fragmented the heap over a full test set).
@@ -339,7 +400,8 @@ def evaluate(
     joined = {key: np.concatenate(values) for key, values in parts.items()}
     owner = model if isinstance(model, torch.nn.Module) else None
     if discrete is None:
-        discrete = bool(getattr(likelihood, "discrete", False))
+        known = getattr(likelihood, "discrete", None)
+        discrete = known if isinstance(known, bool) else _observed_discrete(model, data, guide, device)
     shape = getattr(owner, "data_shape", None)
     data_dim = int(np.prod(shape)) if shape is not None else _first_dim(data)
     return Evaluation(
@@ -352,7 +414,19 @@ def evaluate(
         kl=joined.get("kl"),
         log_weights=joined.get("log_weights"),
         split=split,
+        particles=info.get("particles"),
     )
+
+
+def _observed_discrete(model: Any, data: Any, guide: Callable | None, device: Any) -> bool | None:
+    """Whether a pair's observed sites have discrete supports (its log p̂ is then a probability of the data), from
+    one run of the pair on the first two datapoints in its own parameter store; None when it does not say."""
+    model_fn, guide_fn, owner = resolve_pair(model, guide)
+    first = make_batches(_as_data(data, owner), 2, resolve_device(device), shuffle=False, what="data").first()
+    store = model_store(model_fn, guide_fn, owner, exercise=lambda: _run_once(model_fn, guide_fn, first))
+    # Eval mode with every module's buffers restored: reading the supports must not move BatchNorm statistics.
+    with scoring_mode(owner, model_fn, guide_fn), local_module_params() if owner is not None else nullcontext(), store:
+        return observed_discrete(model_fn, guide_fn, *first)
 
 
 def _mean_over_chunks(chunks: tuple[Tensor, ...], num_samples: int) -> Tensor:

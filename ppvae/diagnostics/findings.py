@@ -22,8 +22,9 @@ import numpy as np
 
 __all__ = ["Finding", "findings", "SEVERITIES"]
 
-#: ``warning``: limits trust in the numbers; ``note``: explains them; ``good``: a check passed.
-SEVERITIES = ("warning", "note", "good")
+#: ``error``: the pair cannot be used for that (:func:`ppvae.check_model`); ``warning``: limits trust in the numbers;
+#: ``note``: explains them; ``good``: a check passed.
+SEVERITIES = ("error", "warning", "note", "good")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Finding:
     programs filter on (the compare table's warnings column takes the ``warning`` ones); ``str()`` is the text."""
 
     code: str
-    severity: Literal["warning", "note", "good"]
+    severity: Literal["error", "warning", "note", "good"]
     text: str
 
     def __str__(self) -> str:

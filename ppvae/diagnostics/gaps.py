@@ -38,6 +38,7 @@ from ppvae.diagnostics.config import GapsConfig
 from ppvae.diagnostics.local_family import local_family
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.logweights import log_weights
 from ppvae.infer.pair import as_pair
 from ppvae.infer.sites import discover_sites, per_datapoint_args, take_rows
@@ -183,7 +184,8 @@ def inference_gaps(
     x = x_all[torch.as_tensor(idx)].to(device)
     check_finite(x, "data")
     cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), local_module_params(), _frozen(vae):
+    # Networks in eval mode (as they were afterwards); gradients stay on for the per-datapoint parameters.
+    with torch.random.fork_rng(devices=cuda), local_module_params(), _frozen(vae), scoring_mode(vae, no_grad=False):
         torch.manual_seed(seed)
         head = vae.guide_head
         with torch.no_grad():
@@ -270,7 +272,9 @@ def pair_gaps(
     idx = _choose_rows(n, index, num_points, seed)
     batch = take_rows(args, idx, n)
     store = model_store(pair.model, pair.guide, pair.owner, exercise=lambda: (pair.guide(*batch), pair.model(*batch)))
-    with store, fork_rngs(), local_module_params(), _frozen_pair(pair.owner):
+    # Eval mode (flags and buffers given back; gradients on for q*'s parameters), the pair's own store, weights fixed.
+    evaluating = scoring_mode(pair.owner, pair.model, pair.guide, no_grad=False)
+    with evaluating, store, fork_rngs(), local_module_params(), _frozen_pair(pair.owner):
         torch.manual_seed(seed)
         sites = discover_sites(pair.model, pair.guide, batch, data_plate=data_plate)
         names = sites.latents(latent_sites, "the amortization/approximation gaps")
@@ -323,22 +327,17 @@ def pair_gaps(
 
 @contextmanager
 def _frozen_pair(owner: nn.Module | None) -> Iterator[None]:
-    """The model's weights (the module's and the parameter store's) fixed, and a module in eval mode; restored."""
+    """The model's weights (the module's and the parameter store's) fixed while q* is fitted; flags restored."""
     tensors = list(owner.parameters()) if owner is not None else []
     tensors += [p for _, p in pyro.get_param_store().named_parameters()]
     flags = [(p, p.requires_grad) for p in tensors]
-    training = owner.training if owner is not None else None
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        if owner is not None:
-            owner.eval()
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        if owner is not None:
-            owner.train(training)
 
 
 def _choose_rows(n: int, index: Any, num_points: int, seed: int) -> np.ndarray:

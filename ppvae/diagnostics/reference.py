@@ -47,6 +47,7 @@ from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.diagnostics.config import ReferenceConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.logweights import plate_nesting
 from ppvae.infer.pair import as_pair, is_builtin_vae
 from ppvae.infer.sites import discover_sites, guide_draws, per_datapoint_args, take_rows
@@ -232,8 +233,11 @@ def reference_posterior(
     draws, q_draws = [], []
     a0 = take_rows(args, rows[:1], n)
     try:
-        # In the model's own parameter store (ppvae._param_store), whose weights _frozen then fixes.
-        with model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(*a0), model_fn(*a0))), _frozen(owner):
+        # Networks in eval mode (their training flags and buffers given back afterwards; gradients with respect to
+        # z stay on for NUTS), in the model's own parameter store (ppvae._param_store), whose weights _frozen fixes.
+        evaluating = scoring_mode(owner, model_fn, guide_fn, no_grad=False)
+        own_store = model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(*a0), model_fn(*a0)))
+        with evaluating, own_store, _frozen(owner):
             names, enumerated, size = _check_sites(model_fn, guide_fn, a0, wanted, data_plate)
             nuts_model, nesting = model_fn, None
             if enumerated:  # marginalized exactly: NUTS sums the model's enumerated sites out of the potential

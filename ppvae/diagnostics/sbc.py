@@ -32,6 +32,7 @@ from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
 from ppvae.infer.sites import Sites, discover_sites, guide_draws, per_datapoint_args, site_rows, take_rows
 
@@ -152,21 +153,15 @@ def sbc(
             simulate = _unconditioned_simulator(pair.model, pair.guide, data, latent_sites, data_plate)
         # The pair's own parameter store (ppvae._param_store); one simulation binds a loaded pair's networks.
         own_store = model_store(pair.model, pair.guide, pair.owner, exercise=functools.partial(simulate, 0, 1, 1))
-    training = getattr(model, "training", None)
-    if training:
-        model.eval()
     chunks = []
-    try:
-        # Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed) gave): the caller's stay as they
-        # were.
-        with own_store, torch.no_grad(), local_module_params(), poutine.block(), fork_rngs(seed):
-            for start in range(0, num_simulations, batch_size):
-                m = min(batch_size, num_simulations - start)
-                z_true, draws = simulate(start, m, num_draws)  # (m, D), (L, m, D)
-                chunks.append((draws < z_true).sum(0).cpu().numpy())
-    finally:
-        if training:
-            model.train()
+    # Eval mode first (every module's own training flag and buffers given back afterwards), so that binding a loaded
+    # pair's networks moves no statistics. Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed)
+    # gave): the caller's stay as they were.
+    with scoring_mode(model, guide), own_store, local_module_params(), poutine.block(), fork_rngs(seed):
+        for start in range(0, num_simulations, batch_size):
+            m = min(batch_size, num_simulations - start)
+            z_true, draws = simulate(start, m, num_draws)  # (m, D), (L, m, D)
+            chunks.append((draws < z_true).sum(0).cpu().numpy())
     ranks = np.concatenate(chunks).astype(np.int64)
     bins = min(20, num_simulations // 5, num_draws + 1)
     expected = num_simulations * _bin_sizes(num_draws, bins) / (num_draws + 1)

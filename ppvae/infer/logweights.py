@@ -2,27 +2,63 @@
 
     lw[i, s] = log p(x_i, z_is) − log q(z_is | x_i),   z_is ~ q(z | x_i)
 
-computed for S particles at once in a particle plate left of every plate the model uses. Any model/guide pair
-works whose local latents live in the data plate (default name ``"data"``): each site's log-density is summed
-over every dim except the particle and data-plate dims, giving ``(N, S)``.
+Each site's log-density is summed over every dim except the particle and data-plate dims (default plate name
+``"data"``), giving ``(N, S)``. Particles are drawn either all at once, in a particle plate left of every plate the
+pair uses (``vectorize=True``: one pass, for pairs that broadcast over a leading dim), or one at a time
+(``vectorize=False``: S passes, for any pair: a ``BatchNorm1d`` decoder, a mask of shape ``(batch, D)``, a
+``.view(batch, -1)``). :func:`particles_broadcast` tells which one a pair allows.
+
+What each site contributes, so that no pair gets a number that is silently wrong:
+
+- **Observed sites of the model** (``obs=``) and its ``pyro.factor`` terms are log p. A factor is counted per
+  datapoint, so it must sit in the data plate (a scalar factor there adds its value to every datapoint's weight);
+  a factor or observation outside that plate has no per-datapoint share and is refused. A model that observes
+  nothing (a conditional model called with only its inputs) is refused: every weight would be log p(z) − log q(z)
+  and log p̂ ≈ 0 would look like a perfect model.
+- **Latent sites** drawn by the guide count in both: + log p(z), − log q(z). A latent of the model the guide does
+  not draw is drawn from the model's own conditional, so it is its own proposal: its ratio is 1 and it is left out
+  (model-side discrete latents marked for enumeration are handled this way: sampled, not summed). A guide latent
+  the model does not draw (a misspelt site name, most often) or observes is refused: it makes no valid weight.
+  Guide latents marked ``infer={"is_auxiliary": True}`` (Pyro's AutoGuides) are counted as Pyro counts them.
+  A guide site marked ``infer={"enumerate": ...}`` is sampled from q like any other site, an unbiased importance
+  sample (Pyro enumerates only under ``TraceEnum_ELBO``); the ELBO is then TraceEnum_ELBO's in expectation.
+- **Observed sites and factors of the guide** are not densities of what the proposal draws (an auxiliary
+  classifier loss in a labelled branch, most often): they are left out, with a warning. A guide whose density
+  needs a correction term (a Jacobian) should draw from a ``TransformedDistribution`` instead.
+- **Scales** (``poutine.scale``, a subsampling plate's N/b, ppvae's β on latent sites) weigh the terms of a
+  training loss, not the model's density: scoring (``scaled=False``) divides them out by using each site's
+  unscaled log-density (masks from ``poutine.mask`` are kept); a scale other than subsampling's gets a warning.
+  The IWAE objective passes ``scaled=True`` so β and a user's weighting still apply in training.
+- **Global latents** (sites outside the data plate) have no per-datapoint share and are refused with the
+  convention; ``pyro.deterministic`` sites contribute nothing.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Unit
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppvae.errors import ConfigError
 
-__all__ = ["log_weights", "plate_nesting"]
+__all__ = ["log_weights", "plate_nesting", "particles_broadcast"]
 
 _PARTICLES = "_ppvae_particles"
+
+# How close the log-weights of particles drawn together must be to the same draws scored alone (float32 networks
+# batched differently differ by ~1e-5 relative; a pair that mixes particles or datapoints differs by nats).
+_RTOL, _ATOL = 1e-4, 1e-3
 
 
 def plate_nesting(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
@@ -48,6 +84,8 @@ def log_weights(
     num_samples: int,
     data_plate: str = "data",
     max_plate_nesting: int | None = None,
+    vectorize: bool = True,
+    scaled: bool = False,
     **kwargs: Any,
 ) -> Tensor:
     """Importance log-weights ``(N, S)`` in nats, differentiable w.r.t. model and guide parameters.
@@ -57,42 +95,259 @@ def log_weights(
         num_samples: S particles per datapoint.
         data_plate: name of the plate holding the local latents and observations.
         max_plate_nesting: plate dims used by the pair (found with a dry run when None).
+        vectorize: draw the S particles in one pass (a particle plate; the pair must broadcast over it, see
+            :func:`particles_broadcast`), or one at a time in S passes (any pair).
+        scaled: weigh each site by its scale as Pyro's ELBOs do (training objectives); False (scoring) uses the
+            model's own densities (see the module's notes).
+
+    Raises:
+        ConfigError: a pair whose weights would mean nothing: no observed site, a site outside the data plate, a
+            guide latent the model does not draw (the module's notes list every case and its fix).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a whole number ≥ 1 (particles per datapoint), got {num_samples!r}")
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
-    particle_dim = -max_plate_nesting - 1
-    with pyro.plate(_PARTICLES, num_samples, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    total: Tensor | int = 0
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        trace.compute_log_prob()
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            total = total + sign * _per_datapoint(site, name, data_plate, particle_dim, num_samples)
-    if not torch.is_tensor(total):
-        raise ConfigError("model and guide have no sample sites: nothing to weight")
+    if vectorize:
+        traces = _run(model, guide, args, kwargs, num_samples, max_plate_nesting)
+        total = _weights(*traces, data_plate, max_plate_nesting, num_samples, scaled)
+    else:
+        total = torch.cat(
+            [
+                _weights(
+                    *_run(model, guide, args, kwargs, None, max_plate_nesting),
+                    data_plate,
+                    max_plate_nesting,
+                    None,
+                    scaled,
+                )
+                for _ in range(num_samples)
+            ]
+        )
     return total.transpose(0, 1)
 
 
-def _per_datapoint(site: dict, name: str, data_plate: str, particle_dim: int, num_samples: int) -> Tensor:
-    """Sum a site's log-density over every dim but (particles, data) → ``(S, N)``."""
+def particles_broadcast(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    data_plate: str = "data",
+    max_plate_nesting: int | None = None,
+    num_particles: int = 2,
+    **kwargs: Any,
+) -> str | None:
+    """Whether vectorized particles give this pair's log-weights: None if they do, else the reason they do not.
+
+    Draws ``num_particles`` particles at once, then scores each particle's draws again alone (the same values,
+    replayed into a run without the particle plate) and compares. A pair that raises with the extra dim, or that
+    broadcasts without raising but wrongly (a reshape that mixes particles into datapoints, a sum over dim 0) is
+    caught by the comparison: it would otherwise be a silently wrong number. Draws from the global RNGs.
+    """
+    if max_plate_nesting is None:
+        max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
+    k = num_particles
+    try:
+        model_trace, guide_trace = _run(model, guide, args, kwargs, k, max_plate_nesting)
+        together = _weights(model_trace, guide_trace, data_plate, max_plate_nesting, k, False)
+    except Exception as err:  # noqa: BLE001 - any failure with the extra dim means: score particles one by one
+        return f"with {k} particles at once it raised {type(err).__name__}: {_first_line(err)}"
+    for j in range(k):
+        fixed = _one_particle(model_trace, guide_trace, j, k, -max_plate_nesting - 1)
+        if isinstance(fixed, str):
+            return fixed
+        alone = _weights(
+            *_run(model, guide, args, kwargs, None, max_plate_nesting, fixed),
+            data_plate,
+            max_plate_nesting,
+            None,
+            False,
+        )
+        if alone.shape != together[j : j + 1].shape:
+            return f"particle {j} scored alone has shape {tuple(alone.shape)}, not {tuple(together[j : j + 1].shape)}"
+        if not torch.allclose(alone.double(), together[j : j + 1].double(), rtol=_RTOL, atol=_ATOL, equal_nan=True):
+            gap = (alone.double() - together[j : j + 1].double()).abs().nan_to_num(0.0).max().item()
+            return f"particle {j} scored alone differs from the same draws scored together by up to {gap:.3g} nats"
+    return None
+
+
+def _run(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    particles: int | None,
+    nesting: int,
+    fixed: Trace | None = None,
+) -> tuple[Trace, Trace]:
+    """Guide then model (replayed on the guide's draws), under a particle plate of ``particles`` or without one.
+
+    ``fixed``: latent values to replay in both (one particle of an earlier vectorized run).
+    """
+    plate = pyro.plate(_PARTICLES, particles, dim=-nesting - 1) if particles is not None else nullcontext()
+    with plate:
+        guide_fn = guide if fixed is None else poutine.replay(guide, trace=fixed)
+        guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace if fixed is None else fixed)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def _one_particle(model_trace: Trace, guide_trace: Trace, j: int, k: int, particle_dim: int) -> Trace | str:
+    """A trace of every latent value of particle ``j`` (guide draws and the model's own), or why there is none."""
+    out = Trace()
+    for trace in (guide_trace, model_trace):
+        for name, site in _sample_sites(trace).items():
+            if site["is_observed"] or _is_deterministic(site) or name in out.nodes:
+                continue
+            value, batch = site["value"], len(site["fn"].batch_shape)
+            axis = batch + particle_dim
+            if axis < 0 or value.dim() <= axis or value.shape[axis] != k:
+                return f"site {name!r} has no particle dim (value of shape {tuple(value.shape)})"
+            out.add_node(name, type="sample", is_observed=False, value=value.select(axis, j), infer=site["infer"])
+    return out
+
+
+def _weights(
+    model_trace: Trace, guide_trace: Trace, data_plate: str, nesting: int, particles: int | None, scaled: bool
+) -> Tensor:
+    """``(P, N)`` log p − log q per particle and datapoint (P = ``particles``, or 1 without a particle plate)."""
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob(lambda _name, site: not _is_deterministic(site))
+    total: Tensor | int = 0
+    observes = False
+    rescaled: list[str] = []
+    for name, site in model_sites.items():
+        if _is_deterministic(site):
+            continue
+        if not site["is_observed"] and (name not in guide_sites or guide_sites[name]["is_observed"]):
+            continue  # drawn from the model's own conditional: its own proposal, a ratio of 1
+        observes = observes or site["is_observed"]
+        total = total + _per_datapoint(site, name, data_plate, nesting, particles, scaled, rescaled)
+    if not observes:
+        latents = sorted(n for n, s in model_sites.items() if not s["is_observed"])
+        raise ConfigError(
+            f"the model observes nothing: none of its sites ({', '.join(latents) or 'none'}) has obs= data or is a "
+            "pyro.factor, so every log-weight would be log p(z) − log q(z|x) and log p̂ ≈ 0 would look like a "
+            "perfect model; pass the data to the model (e.g. model(x, y) with pyro.sample('y', ..., obs=y)) and "
+            "score it on the same inputs"
+        )
+    left_out: list[str] = []
+    for name, site in guide_sites.items():
+        if _is_deterministic(site):
+            continue
+        if site["is_observed"]:
+            left_out.append(name)
+            continue
+        _check_guide_latent(name, site, model_sites)
+        total = total - _per_datapoint(site, name, data_plate, nesting, particles, scaled, rescaled)
+    if left_out:
+        warnings.warn(
+            f"the guide's site(s) {', '.join(map(repr, left_out))} observe a value or add a pyro.factor: they are "
+            "no density of what the guide draws (an auxiliary loss, most often), so the log-weights leave them out",
+            stacklevel=4,
+        )
+    if rescaled:
+        warnings.warn(
+            f"site(s) {', '.join(rescaled)} are scaled (poutine.scale or similar): log-weights are of the model's "
+            "own densities, so each site's unscaled log-probability is used",
+            stacklevel=4,
+        )
+    assert torch.is_tensor(total)  # the model observes something, so some site was counted
+    return total
+
+
+def _check_guide_latent(name: str, site: dict, model_sites: dict[str, dict]) -> None:
+    """Refuse a guide latent that has no part in a valid importance weight."""
+    if name in model_sites and not model_sites[name]["is_observed"]:
+        return
+    if name not in model_sites and site["infer"].get("is_auxiliary"):
+        return  # an AutoGuide's joint latent: its density and the Delta sites' log-densities are q's together
+    if name in model_sites:
+        raise ConfigError(
+            f"the guide draws {name!r}, which the model observes (obs=), so q's draw is never used and its density "
+            f"makes no valid weight; sample {name!r} in the guide only where the model does not observe it"
+        )
+    raise ConfigError(
+        f"the guide draws {name!r}, which the model does not have (a misspelt site name?), so the log-weights "
+        "would not be importance weights; name it as the model does, or mark a genuine auxiliary variable "
+        "infer={'is_auxiliary': True}"
+    )
+
+
+def _per_datapoint(
+    site: dict, name: str, data_plate: str, nesting: int, particles: int | None, scaled: bool, rescaled: list[str]
+) -> Tensor:
+    """Sum a site's log-density over every dim but (particles, data) → ``(P, N)``."""
     frames = {f.name: f for f in site["cond_indep_stack"]}
     if data_plate not in frames:
-        kind = "observed" if site["is_observed"] else "latent"
-        raise ConfigError(
-            f"{kind} site {name!r} is outside the plate {data_plate!r}, so it has no per-datapoint log-weight; "
-            f"put every local latent and observation inside `with pyro.plate({data_plate!r}, N):` (or pass "
-            "data_plate=<your plate's name>); global latents are not supported by per-datapoint estimators"
-        )
-    n = -particle_dim
-    lp = site["log_prob"]
+        raise ConfigError(_outside_plate(site, name, data_plate))
+    if scaled:
+        lp = site["log_prob"]
+    else:
+        lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+        if _user_scale(site):
+            rescaled.append(f"{name!r} (scale {_describe(site['scale'])})")
+    n = nesting + (particles is not None)
     lp = lp.reshape((1,) * max(0, n - lp.dim()) + tuple(lp.shape))  # broadcast dims Pyro left out
-    data_axis = n + frames[data_plate].dim
-    other = [d for d in range(1, n) if d != data_axis]
+    if particles is not None and lp.dim() > n:
+        raise ConfigError(
+            f"site {name!r} has a batch dim left of every plate (log-density of shape {tuple(lp.shape)}), where the "
+            "particles go; declare it with pyro.plate or move it into the event shape with .to_event()"
+        )
+    data_axis = lp.dim() + frames[data_plate].dim
+    keep = {data_axis, 0} if particles is not None else {data_axis}
+    other = [d for d in range(lp.dim()) if d not in keep]
     if other:  # e.g. a pixel plate nested inside the data plate
         lp = lp.sum(other)
-    return lp.expand(num_samples, frames[data_plate].size)
+    if particles is None:
+        lp = lp.unsqueeze(0)
+    return lp.expand(particles or 1, frames[data_plate].size)
+
+
+def _outside_plate(site: dict, name: str, data_plate: str) -> str:
+    where = f"outside the plate {data_plate!r}"
+    inside = f"`with pyro.plate({data_plate!r}, N):`"
+    if isinstance(site["fn"], Unit):
+        return (
+            f"pyro.factor site {name!r} is {where}, so its value cannot be shared out between datapoints; call "
+            f"pyro.factor inside {inside} with one value per datapoint (or pass data_plate=<your plate's name>)"
+        )
+    if site["is_observed"]:
+        return (
+            f"observed site {name!r} is {where}, so it has no per-datapoint log-weight; put every observation "
+            f"inside {inside} (or pass data_plate=<your plate's name>)"
+        )
+    return (
+        f"latent site {name!r} is {where}, so it has no per-datapoint log-weight; put every local latent inside "
+        f"{inside} (or pass data_plate=<your plate's name>). A global latent (one value shared by all datapoints) "
+        "cannot be split between them: per-datapoint estimators do not support it"
+    )
+
+
+def _user_scale(site: dict) -> bool:
+    """Whether a site's scale is more than its subsampling plates' N/b (a ``poutine.scale``, β, a weight)."""
+    sub = math.prod(f.full_size / f.size for f in site["cond_indep_stack"] if f.full_size and f.size)
+    scale = site["scale"]
+    if torch.is_tensor(scale):
+        return not bool(torch.all((scale - sub).abs() <= 1e-6 * sub))
+    return not math.isclose(float(scale), sub, rel_tol=1e-6)
+
+
+def _describe(scale: Any) -> str:
+    if torch.is_tensor(scale) and scale.numel() > 1:
+        return f"a tensor of shape {tuple(scale.shape)}"
+    return f"{float(scale):.4g}"
+
+
+def _sample_sites(trace: Trace) -> dict[str, dict]:
+    return {n: s for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+
+
+def _is_deterministic(site: dict) -> bool:
+    return bool(site["infer"].get("_deterministic"))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else "")[:200]

@@ -132,7 +132,9 @@ class VAELoss:
 
 
 def _iwae_loss(model: Callable, guide: Callable, *args: Any, num_particles: int, **kwargs: Any):
-    lw = log_weights(model, guide, *args, num_samples=num_particles, **kwargs)  # (N, K)
+    # scaled: β on the latent sites (ScaleLatents) and a user's poutine.scale weigh the training loss as they do in
+    # Pyro's ELBOs; scoring (evaluate) uses the unscaled densities instead.
+    lw = log_weights(model, guide, *args, num_samples=num_particles, scaled=True, **kwargs)  # (N, K)
     return -(lw.logsumexp(-1) - math.log(num_particles)).sum()
 
 

@@ -48,6 +48,7 @@ from ppvae.errors import (
 from ppvae.infer import checkpoint
 from ppvae.infer.callbacks import ON_NONFINITE, Callback, Checkpoint, EarlyStopping, NonFinitePolicy, Progress
 from ppvae.infer.config import FitConfig, merge_config
+from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.nonfinite import Fault
 from ppvae.infer.objectives import BatchLoss, PairLoss, VAELoss, make_objective
 from ppvae.infer.pair import Pair, resolve_device, resolve_pair
@@ -436,8 +437,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """The mean ELBO (β = 1) on ``val`` in nats per datapoint, or None without validation data."""
-        return _mean_elbo(self.val_loss, self.val) if self.val is not None else None
+        """The mean ELBO (β = 1) on ``val`` in nats per datapoint, or None without validation data.
+
+        Scored in eval mode (dropout off, BatchNorm on its running statistics), as evaluate scores: the modules'
+        training flags and buffers are restored afterwards, so the next epoch trains as before."""
+        if self.val is None:
+            return None
+        with scoring_mode(*self.pair):
+            return _mean_elbo(self.val_loss, self.val)
 
     def _epoch(self) -> None:
         state = self.state
