@@ -15,6 +15,7 @@ import ppvae
 from ppvae.data import LinearGaussian
 from ppvae.diagnostics.reference import reference_posterior
 from ppvae.diagnostics.sbc import sbc
+from ppvae.errors import NotApplicable
 
 T = LinearGaussian(data_dim=6, latent_dim=2, noise=0.5, seed=0)
 X, _ = T.sample(300, seed=1)
@@ -73,10 +74,10 @@ def test_sbc_and_reference_of_a_module_taking_a_tuple_of_inputs_through_diagnose
 
 
 def test_reference_of_renamed_sites_matches_the_exact_posterior():
-    r = reference_posterior(model, X, guide=guide_for(), index=[7], num_warmup=200, num_samples=500, seed=0)
+    r = reference_posterior(model, X, guide=guide_for(), index=[7], num_warmup=150, num_samples=300, seed=0)
     mean, cov = T.posterior(X[7:8])
     pooled = r.draws[0].reshape(-1, 2)
-    sd = cov[0].diagonal().sqrt().numpy()
+    sd = cov.diagonal().sqrt().numpy()
     assert np.abs((pooled.mean(0) - mean[0].numpy()) / sd).max() < 0.25
     assert np.abs(pooled.std(0) / sd - 1).max() < 0.2
 
@@ -98,7 +99,7 @@ def mixture_guide(x):
 def test_reference_marginalizes_an_enumerated_latent_exactly():
     """p(z | x) = Σ_y p(y | x) N(z; m_y, v): the NUTS draws' mean and sd match this mixture's."""
     x = torch.tensor([0.3])
-    r = reference_posterior(mixture_model, x, guide=mixture_guide, num_warmup=300, num_samples=1000, seed=1)
+    r = reference_posterior(mixture_model, x, guide=mixture_guide, num_warmup=150, num_samples=300, seed=1)
     mu, prior, s2 = np.array([-2.0, 2.0]), np.array([0.3, 0.7]), 0.25
     v = 1 / (1 + 1 / s2)
     m = v * (mu + 0.3 / s2)
@@ -132,9 +133,9 @@ def test_parts_that_cannot_run_say_why_and_the_others_stand():
             z = pyro.sample("latent", dist.Normal(torch.zeros(2), 1.0).to_event(1))
             pyro.sample("obs", dist.Normal(z @ T.W.T + T.b, scale * T.sigma).to_event(1), obs=x)
 
-    with pytest.raises(ppvae.NotApplicable, match=r"global latent sites \['scale'\]"):
+    with pytest.raises(NotApplicable, match=r"global latent sites \['scale'\]"):
         sbc(global_model, guide=guide_for(), data=X, num_simulations=20)
-    with pytest.raises(ppvae.NotApplicable, match=r"global latent sites \['scale'\]"):
+    with pytest.raises(NotApplicable, match=r"global latent sites \['scale'\]"):
         reference_posterior(global_model, X, guide=guide_for(), num_points=1)
     with pytest.raises(ppvae.ConfigError, match="latent_sites must be"):
         ppvae.diagnose(model, X[:20], guide=guide_for(), num_samples=50, latent_sites=[3])

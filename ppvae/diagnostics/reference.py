@@ -36,8 +36,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
+from pyro.poutine.util import site_is_subsample
 from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
+from torch.distributions import biject_to
 
 from ppvae._local_params import local_module_params
 from ppvae._param_store import model_store
@@ -269,7 +271,16 @@ def reference_posterior(
                         mcmc.run()
                     else:
                         kernel = NUTS(nuts_model, jit_compile=False, full_mass=full_mass, max_plate_nesting=nesting)
-                        mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
+                        # With enumerated sites, Pyro would start a continuous latent that depends on one at a draw
+                        # shaped by the enumeration dim (2 values for a 2-way site): start at the guide's draw.
+                        init = _guide_start(model_fn, guide_fn, argk) if enumerated else None
+                        mcmc = MCMC(
+                            kernel,
+                            num_samples,
+                            warmup_steps=num_warmup,
+                            initial_params=init,
+                            disable_progbar=not progress,
+                        )
                         mcmc.run(*argk)
                     samples = mcmc.get_samples()  # site → (num_samples, 1, *event) for a data plate at dim -1
                     z = torch.cat([samples[s].reshape(num_samples, -1) for s in names], -1)
@@ -358,6 +369,21 @@ def _vae_potential(vae: Any, xk: Tensor) -> Callable[[dict[str, Tensor]], Tensor
         return -(prior.log_prob(z) + vae.decode(z).log_prob(xk)).sum()
 
     return potential
+
+
+def _guide_start(model_fn: Callable, guide_fn: Callable, args: tuple) -> dict[str, Tensor]:
+    """One draw of the guide as NUTS's starting point: every continuous latent of the model, unconstrained."""
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide_fn).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(*args)
+    start = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name not in guide_trace:
+            continue
+        if site["fn"].support.is_discrete:
+            continue
+        start[name] = biject_to(site["fn"].support).inv(site["value"])
+    return start
 
 
 def _check_sites(
