@@ -32,6 +32,7 @@ from ppvae.diagnostics.config import CollapseConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
+from ppvae.infer.logweights import particles_broadcast
 from ppvae.infer.pair import AmortizedEncoder, as_pair
 from ppvae.infer.sites import data_axis, discover_sites, per_datapoint_args, site_log_prob_rows, site_rows, take_rows
 
@@ -256,6 +257,8 @@ def _draws(
     dims = [f.dim for site in probe.nodes.values() if site["type"] == "sample" for f in site["cond_indep_stack"]]
     want = sum(site_rows(probe.nodes[s], plate).numel() for s in names)
     try:
+        if particles_broadcast(model, guide, *batch, data_plate=plate) is not None:
+            raise ValueError("the pair does not broadcast over particles")  # BatchNorm, masks: one draw at a time
         with pyro.plate(_PARTICLES, num, dim=min([-1, *dims]) - 1):
             z, log_q, log_p = run(_PARTICLES)
         if z.numel() == num * want and log_q.shape == z.shape[:2] and (num == 1 or not bool((z[1:] == z[:1]).all())):

@@ -39,7 +39,7 @@ from ppvae.diagnostics.local_family import local_family
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
-from ppvae.infer.logweights import log_weights
+from ppvae.infer.logweights import log_weights, particles_broadcast
 from ppvae.infer.pair import as_pair
 from ppvae.infer.sites import discover_sites, per_datapoint_args, take_rows
 
@@ -285,10 +285,12 @@ def pair_gaps(
             )
         with poutine.block(), torch.no_grad():
             guide_trace = poutine.trace(pair.guide).get_trace(*batch)
+            # Particles at once only where a trial shows the pair broadcasts over them (BatchNorm, masks do not).
+            vectorize = particles_broadcast(pair.model, pair.guide, *batch, data_plate=data_plate) is None
         family = local_family(guide_trace, names, sites.guide_sites)
 
         def lw(g: Callable, num: int) -> Tensor:  # (K, num)
-            return log_weights(pair.model, g, *batch, num_samples=num, data_plate=data_plate)
+            return log_weights(pair.model, g, *batch, num_samples=num, data_plate=data_plate, vectorize=vectorize)
 
         params = family.parameters()
         opt = torch.optim.Adam(params, lr=lr)
