@@ -411,7 +411,7 @@ def run_part(inputs: PartInput, config: ReferenceConfig) -> ReferencePosterior:
     """The ``reference`` part of :func:`ppvae.diagnose`."""
     return reference_posterior(
         inputs.model,
-        inputs.x if inputs.data is None else inputs.data,
+        inputs.x if inputs.data is None or as_pair(inputs.model, inputs.guide).is_builtin_vae else inputs.data,
         guide=inputs.guide,
         num_points=config.num_points,
         num_chains=config.num_chains,
