@@ -225,7 +225,9 @@ def test_gaps_of_a_function_pair_against_the_closed_form(family):
     delta = -0.3 * mean
     var = 0.5 * torch.trace(spread @ spread) + torch.einsum("kd,de,ef,fg,kg->k", delta, lam, q_cov, lam, delta)
     assert (np.abs(g.elbo_amortized - (log_px - kl)) < 4 * np.sqrt(var.numpy() / 4000)).all()
-    assert g.amortization.mean() == pytest.approx((kl - kl_mf).mean(), abs=0.05)
+    # Their mean: 4 standard errors of the mean of the amortized ELBOs, plus q*'s tolerance above.
+    tol = 4 * np.sqrt(var.numpy().sum() / 4000) / len(IDX) + 0.03
+    assert g.amortization.mean() == pytest.approx((kl - kl_mf).mean(), abs=tol)
 
 
 def test_gaps_of_a_family_ppvae_cannot_refit_are_skipped_with_the_family_named():
