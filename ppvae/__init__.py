@@ -9,7 +9,7 @@ from ppvae._version import __version__
 from ppvae.diagnostics import Diagnosis, Evaluation, diagnose, evaluate
 from ppvae.diagnostics.check import ModelCheck, check_model
 from ppvae.errors import CheckpointError, ConfigError, DataError, PPVAEError, TrainingError
-from ppvae.infer import FitConfig, FitResult, fit
+from ppvae.infer import FitConfig, FitResult, Stream, fit
 from ppvae.io import load, save
 from ppvae.vae import VAE
 
@@ -18,6 +18,7 @@ __all__ = [
     "fit",
     "FitConfig",
     "FitResult",
+    "Stream",
     "evaluate",
     "Evaluation",
     "diagnose",

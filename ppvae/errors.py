@@ -66,3 +66,12 @@ def describe_out_of_memory(err: BaseException, limit: int = 160) -> str:
     text = text or (lines[0] if lines else type(err).__name__)
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def without_trace_shapes(err: PPVAEError) -> PPVAEError:
+    """``err`` without the ``Trace Shapes:`` table Pyro appends to an error raised inside a traced model (its
+    ``get_trace`` re-raises the error with the shapes of every site added to the message): ppvae's messages are one
+    sentence."""
+    text = str(err)
+    cut = text.find("\nTrace Shapes:")
+    return err if cut < 0 else type(err)(text[:cut])

@@ -33,7 +33,7 @@ from ppvae.cli.args import count_arg, fit_arg, model_option_arg, seed_arg
 from ppvae.cli.compare import add_compare_args, add_demo_args, compare_command, demo_command
 from ppvae.cli.runs import build_from_file, load_run, run_path
 from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_command, evaluate_command
-from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory
+from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory, without_trace_shapes
 from ppvae.infer.config import ON_NONFINITE, FitConfig
 from ppvae.infer.objectives import OBJECTIVES
 from ppvae.infer.observed import observed_discrete
@@ -389,7 +389,7 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "info":
             _info(args)
     except PPVAEError as err:
-        print(f"ppvae {args.command}: error: {err}", file=sys.stderr)
+        print(f"ppvae {args.command}: error: {without_trace_shapes(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # the environment, not a bug: a full disk, a read-only or vanished directory
         print(f"ppvae {args.command}: error: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Minibatches for ``fit``: tensors, tuples of tensors, Datasets, DataLoaders, dynamically binarized data.
+"""Minibatches for ``fit``: tensors, tuples of tensors, Datasets, DataLoaders, dynamically binarized data, and any
+re-iterable of ready-made batches (a list of tuples whose parts may be ``PackedSequence``s, masks, lengths).
 
 In-memory tensors take a fast path: moved to the device once, shuffled with ``torch.randperm`` (the global torch
 RNG, so a seed and a checkpointed RNG state reproduce the order) and sliced, without a DataLoader's per-example
-collation.
+collation. Ready-made batches are used as given, in their own order, each epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.data import DataLoader, Dataset
 
 from ppvae.data.datasets import as_tensor, check_finite
@@ -26,7 +28,7 @@ class Batches:
     """An epoch-iterable of argument tuples ``(x,)`` or ``(x, y, ...)`` on a device.
 
     Exactly one of ``tensors`` (in-memory), ``source`` (an object with ``get_batch(idx)`` and ``__len__``) or
-    ``loader`` (a DataLoader) is set.
+    ``loader`` (a DataLoader, or any re-iterable of ready-made batches) is set.
     """
 
     def __init__(
@@ -42,10 +44,11 @@ class Batches:
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.tensors, self.source, self.loader = tensors, source, loader
         self.n = len(tensors[0]) if tensors else len(source) if source is not None else None
+        self.n_batches: int | None = None  # batches of a ready-made iterable without __len__, counted once
 
     def __len__(self) -> int:
         if self.loader is not None:
-            return len(self.loader)
+            return self.n_batches if self.n_batches is not None else len(self.loader)
         return math.ceil(self.n / self.batch_size)
 
     def _index(self, idx: Tensor) -> tuple[Tensor, ...]:
@@ -77,8 +80,9 @@ class Batches:
         return Batches(batch_size, self.device, self.shuffle, tensors=self.tensors, source=self.source)
 
     @staticmethod
-    def batch_len(batch: tuple[Tensor, ...]) -> int:
-        return batch[0].shape[0]
+    def batch_len(batch: tuple[Any, ...]) -> int:
+        """Datapoints in a batch: the rows of its first part (a ``PackedSequence``: its number of sequences)."""
+        return _rows(batch[0])
 
     def check_against(self, vae: Any) -> None:
         """Check data shape (and support, where the model has a likelihood with ``check_data``)."""
@@ -101,14 +105,64 @@ class Batches:
             check(x)
 
 
-def _as_args(batch: Any, device: torch.device) -> tuple[Tensor, ...]:
-    """A DataLoader's batch as arguments on ``device``; integer/bool data (the first part: uint8 images, as
-    torchvision gives them) become float32, as they do for in-memory data."""
-    parts = tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+def _rows(part: Any) -> int:
+    if isinstance(part, PackedSequence):
+        return int(part.batch_sizes[0])  # the first time step holds every sequence
+    return part.shape[0]
+
+
+def _as_args(batch: Any, device: torch.device) -> tuple[Any, ...]:
+    """A DataLoader's (or a ready-made) batch as arguments on ``device``; integer/bool data (the first part: uint8
+    images, as torchvision gives them) become float32, as they do for in-memory data. A ``PackedSequence`` (itself a
+    tuple) is one argument, moved whole; parts that are neither stay as they are."""
+    parts = tuple(batch) if isinstance(batch, (list, tuple)) and not isinstance(batch, PackedSequence) else (batch,)
     return tuple(
-        (as_tensor(b) if k == 0 and not b.is_floating_point() else b).to(device) if torch.is_tensor(b) else b
+        (as_tensor(b) if k == 0 and not b.is_floating_point() else b).to(device)
+        if torch.is_tensor(b)
+        else b.to(device)
+        if isinstance(b, PackedSequence)
+        else b
         for k, b in enumerate(parts)
     )
+
+
+def _is_batch(item: Any) -> bool:
+    """A ready-made batch: a tuple/list whose parts include a tensor or PackedSequence, or a PackedSequence."""
+    if isinstance(item, PackedSequence):
+        return True
+    return isinstance(item, (tuple, list)) and any(torch.is_tensor(b) or isinstance(b, PackedSequence) for b in item)
+
+
+def _ready_made(data: Any, batch_size: int, device: torch.device, shuffle: bool, what: str) -> Batches | None:
+    """Batches over a re-iterable of ready-made batches, or None when ``data`` is not one.
+
+    A list/sequence of batch tuples, or an object whose ``__iter__`` yields them anew on every call. A one-shot
+    iterator (a generator) is refused: it would be empty from the second epoch on.
+    """
+    if isinstance(data, (Tensor, np.ndarray, tuple, str, bytes, dict, Dataset, DataLoader)) or not hasattr(
+        data, "__iter__"
+    ):
+        return None
+    if isinstance(data, list):
+        if not data or not all(_is_batch(b) for b in data):
+            return None  # a plain nested list is array data
+    elif iter(data) is data:
+        raise DataError(
+            f"{what} is a one-shot iterator ({type(data).__name__}), used up after one epoch; give a list of "
+            "batches, or an object whose __iter__ starts again each epoch"
+        )
+    batches = Batches(batch_size, device, shuffle, loader=data)
+    if not hasattr(data, "__len__"):
+        batches.n_batches = sum(1 for _ in data)
+    if len(batches) == 0:
+        raise DataError(f"{what} holds no batches; give at least one")
+    first = next(iter(data))
+    if not _is_batch(first) and not torch.is_tensor(first):
+        raise DataError(
+            f"{what} yields {type(first).__name__} items; each batch must be a tensor or a tuple of arguments "
+            "(tensors, PackedSequences, masks, lengths), called as model(*batch)"
+        )
+    return batches
 
 
 def _integer_labels(part: Any) -> Any:
@@ -142,6 +196,16 @@ def make_batches(
         _check_size(n, batch_size, what, strict)
         loader = DataLoader(data, batch_size=min(batch_size, n), shuffle=shuffle)
         return Batches(batch_size, device, shuffle, loader=loader)
+    ready = _ready_made(data, batch_size, device, shuffle, what)
+    if ready is not None:
+        return ready
+    if isinstance(data, PackedSequence) or (
+        isinstance(data, tuple) and any(isinstance(b, PackedSequence) for b in data)
+    ):
+        raise DataError(
+            f"{what} holds a PackedSequence, which ppvae cannot split into minibatches; give a list of ready-made "
+            f"batches instead, e.g. [(packed, mask, lengths), ...] ([{what}] for one batch), or a DataLoader"
+        )
     parts = data if isinstance(data, tuple) else (data,)
     if not parts:
         raise DataError(f"{what} is an empty tuple; give a tensor or array, or a tuple of them (model(*batch))")
@@ -149,7 +213,7 @@ def make_batches(
     for k, part in enumerate(parts):
         if not torch.is_tensor(part) and not isinstance(part, (np.ndarray, list)):
             raise DataError(
-                f"{what} must be a tensor, an array, a tuple of them, a Dataset or a DataLoader; "
+                f"{what} must be a tensor, an array, a tuple of them, a Dataset, a DataLoader or a list of batches; "
                 f"got {type(part).__name__}"
             )
         name = what if len(parts) == 1 else f"{what}[{k}]"

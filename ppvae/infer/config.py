@@ -3,8 +3,9 @@
 :func:`ppvae.fit`'s signature, the ``ppvae train`` flags, a compare grid's cells (:class:`ppvae.compare.GridSettings`)
 and the ``ppvae compare``/``ppvae demo`` presets take their defaults from :class:`FitConfig`, so a default exists
 once. A setting is what decides how a pair is trained (budget, optimizer, objective, β, faults, seed, device); what
-is trained on (``data``, ``val_data``), where checkpoints go (``checkpoint_dir``, ``resume``) and what is printed
-(``progress``) stay arguments of ``fit`` alone.
+is trained on (``data`` and its streams, ``val_data``), which of the pair's weights stay fixed (``freeze``: names of
+one pair's modules, not a setting a grid's cells could share), where checkpoints go (``checkpoint_dir``,
+``resume``) and what is printed (``progress``) stay arguments of ``fit`` alone.
 
 The checks of each numeric setting (:data:`CONSTRAINTS`) are :mod:`ppvae._validate`'s, the same that ``fit`` applies,
 so a :class:`FitConfig`, ``fit`` and a CLI flag refuse the same values with the same sentence.

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
+from ppvae._rng import fork_rngs
 from ppvae.errors import ConfigError
 from ppvae.infer.logweights import log_weights
 
@@ -30,6 +33,8 @@ __all__ = [
     "BatchLoss",
     "PairLoss",
     "VAELoss",
+    "EnumLoss",
+    "enumerated_sites",
 ]
 
 OBJECTIVES = ("elbo", "meanfield", "iwae", "enum")
@@ -73,11 +78,68 @@ def make_objective(
             num_particles=num_particles, vectorize_particles=vectorize_particles, **mpn
         ).differentiable_loss
     # Enumeration needs a bound on plate nesting to allocate enumeration dims left of the plates.
-    return TraceEnum_ELBO(
-        num_particles=num_particles,
-        vectorize_particles=vectorize_particles,
-        max_plate_nesting=max_plate_nesting if max_plate_nesting is not None else 1,
-    ).differentiable_loss
+    return EnumLoss(
+        TraceEnum_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting if max_plate_nesting is not None else 1,
+        )
+    )
+
+
+class EnumLoss:
+    """``objective="enum"``: TraceEnum_ELBO with every discrete site enumerated in parallel unless it says otherwise.
+
+    Model and guide run under ``pyro.infer.config_enumerate(default="parallel")``: each unobserved site whose
+    distribution has enumerate support is summed out exactly (Pyro's enumeration), where TraceEnum_ELBO alone
+    would sample an unmarked site and fall back to score-function gradients. A site's own
+    ``infer={"enumerate": ...}`` is kept (``"sequential"``, or ``None`` to keep it sampled). On its first call it
+    warns when no site is enumerated: then the objective is Trace_ELBO's, and saying so beats a silent no-op.
+    """
+
+    def __init__(self, elbo: TraceEnum_ELBO) -> None:
+        self.elbo = elbo
+        self.checked = False
+        self.nothing = False  # whether the first call found no site to enumerate
+
+    def __call__(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> Tensor:
+        model, guide = config_enumerate(model, default="parallel"), config_enumerate(guide, default="parallel")
+        if not self.checked:
+            self.checked = True
+            self.nothing = not enumerated_sites(model, guide, *args, **kwargs)
+            if self.nothing:
+                warnings.warn(
+                    "objective 'enum' enumerates nothing: no unobserved sample site of this model or guide has a "
+                    "discrete distribution with enumerate support (or each sets infer={'enumerate': None}), so it "
+                    "trains as objective 'elbo' would; use 'elbo', or give the discrete latents a finite support "
+                    "(Categorical, Bernoulli, OneHotCategorical)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if self.nothing:  # said once above, in ppvae's words: Pyro's own warning each step would repeat it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites")
+                return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+
+def enumerated_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> list[str]:
+    """Names of the sites of ``guide`` (then of ``model`` replayed on it) marked for enumeration, from one blocked
+    run without enumerating (draws, not sums), on copies of the RNGs: the check draws nothing from the training's
+    random stream, so a resumed run stays exact. ``["?"]`` when the pair cannot run outside the ELBO (the loss
+    itself then says what is wrong)."""
+    try:
+        with fork_rngs(), poutine.block():
+            g = poutine.trace(guide).get_trace(*args, **kwargs)
+            m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the ELBO itself runs next and raises what is wrong
+        return ["?"]  # unknown: say nothing
+    return [
+        name
+        for trace in (g, m)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
+    ]
 
 
 def vae_elbo_loss(vae: Any, x: Tensor, beta: float = 1.0, num_particles: int = 1) -> Tensor:

@@ -52,10 +52,11 @@ from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.nonfinite import Fault
 from ppvae.infer.objectives import BatchLoss, PairLoss, VAELoss, make_objective
 from ppvae.infer.pair import Pair, resolve_device, resolve_pair
-from ppvae.infer.params import collect_params
+from ppvae.infer.params import collect_params, freezing, frozen_by, unreached_error
+from ppvae.infer.streams import Stream, StreamLoss, TrainStream, as_streams, round_robin
 from ppvae.infer.trainer_state import EpochStats, TrainState
 
-__all__ = ["fit", "FitResult", "FitConfig", "resolve_pair", "ON_NONFINITE", "Trainer", "BetaSchedule"]
+__all__ = ["fit", "FitResult", "FitConfig", "resolve_pair", "ON_NONFINITE", "Trainer", "BetaSchedule", "Stream"]
 
 _DEFAULTS = FitConfig()  # fit's defaults: FitConfig is where they are written
 
@@ -69,7 +70,9 @@ class FitResult:
         module: the trained ``nn.Module`` owning the pair, or None for a pair of functions.
         history: one dict per epoch: ``epoch``, ``train_loss`` (negative β-ELBO, nats per datapoint),
             ``val_elbo`` (ELBO with β = 1, nats per datapoint, or None), ``beta``, ``seconds``, ``examples_per_s``,
-            ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``).
+            ``skipped_batches`` (batches skipped for a non-finite loss or gradient, ``on_nonfinite="skip"``); with
+            several streams, ``streams`` (each stream's mean loss per datapoint, its weighted ELBO and aux terms, by
+            name) and ``train_loss`` the mean over all their datapoints.
         best_epoch: the epoch whose parameters were kept (best validation ELBO, else the last).
         stopped_early: whether ``patience`` ran out.
         param_state: Pyro parameter-store state of a pair of functions (``pyro.param`` and ``pyro.module``
@@ -123,6 +126,7 @@ def fit(
     validate_data: bool = True,
     on_nonfinite: str = _DEFAULTS.on_nonfinite,
     config: FitConfig | None = None,
+    freeze: Sequence[str | nn.Module | torch.Tensor] = (),
 ) -> FitResult:
     """Train a model/guide pair by stochastic variational inference.
 
@@ -130,15 +134,23 @@ def fit(
         model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods (an ``nn.Module`` or
             ``PyroModule``), or a model function written with ``pyro.module``/``pyro.param`` (then pass ``guide``).
         data: a tensor or array (called as ``model(x)``), a tuple of tensors (``model(*batch)``), a
-            ``torch.utils.data.Dataset`` or ``DataLoader``, or ``ppvae.data.DynamicBinarized``. The data tensor
-            (the first of a tuple) is used as float32, integer or bool ones included; later tensors or integer
-            arrays in a tuple (labels, indices) keep their dtype.
+            ``torch.utils.data.Dataset`` or ``DataLoader``, ``ppvae.data.DynamicBinarized``, or any re-iterable of
+            ready-made batches (a list of tuples ``[(packed, mask, lengths), ...]``: parts may be
+            ``PackedSequence``s, masks, lengths; used as given, unshuffled, each epoch). The data tensor (the first of
+            a tuple) is used as float32, integer or bool ones included; later tensors or integer arrays in a tuple
+            (labels, indices) keep their dtype. Several data streams with their own losses and weights: a list of
+            :class:`~ppvae.infer.streams.Stream` (the semi-supervised recipe: unlabelled batches with y enumerated,
+            labelled ones with y observed and an auxiliary classifier loss); their batches alternate round-robin,
+            an epoch is one pass over the stream with the most batches, and ``history[i]["streams"]`` holds each
+            stream's loss (see :mod:`ppvae.infer.streams`).
         epochs: passes over ``data``.
         batch_size: examples per step (ignored for a ``DataLoader``, which batches itself).
         lr: Adam learning rate.
         objective: ``"elbo"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO: analytic KL where registered),
-            ``"iwae"`` (RenyiELBO with alpha=0; Burda et al. 2015), ``"enum"`` (TraceEnum_ELBO for enumerated
-            discrete latents), or an ``ELBO`` instance.
+            ``"iwae"`` (RenyiELBO with alpha=0; Burda et al. 2015), ``"enum"`` (TraceEnum_ELBO, with every
+            discrete site that supports it enumerated in parallel, as ``config_enumerate`` would mark it; a site's own
+            ``infer={"enumerate": ...}`` is kept, ``None`` leaves it sampled; a warning says so when nothing is
+            enumerated), or an ``ELBO`` instance (used as it is).
         num_particles: samples of z per datapoint per step (IWAE's K).
         vectorize_particles: draw particles in one vectorized pass (default: yes for a ppvae.VAE).
         beta: weight of the latent terms, β·(log p(z) − log q(z|x)) (Higgins et al. 2017). Scales the latent
@@ -169,6 +181,15 @@ def fit(
         config: the settings above as one :class:`~ppvae.infer.config.FitConfig` (the source of their defaults).
             An argument left at its default takes the config's value; one that contradicts the config raises
             :class:`ConfigError`.
+        freeze: sub-networks or parameters to keep fixed: names of the module's children or parameters
+            (``"encoder"``, ``"decoder.0.weight"``; for a pair of functions, the name of a network the functions
+            use), or the modules/tensors themselves. Frozen for the fit (``requires_grad`` False, restored after)
+            and left bitwise unchanged. A network frozen beforehand with ``requires_grad_(False)`` stays fixed too,
+            also through ``pyro.module``, which would otherwise make it trainable again.
+
+    Every trainable parameter must get a gradient from some batch of the first epoch (of any stream): one that
+    gets none would silently keep its initial value, and ``fit`` stops with a :class:`TrainingError` naming it,
+    with advice for the case (freeze a pretrained network, give a branch's batches their own stream, ...).
 
     Returns:
         :class:`FitResult` with a per-epoch ``history``.
@@ -177,7 +198,7 @@ def fit(
         given = {name: value for name, value in locals().items() if name in FitConfig.names()}
         return fit(
             model, data, guide=guide, val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume,
-            progress=progress, validate_data=validate_data, **merge_config(config, given),
+            progress=progress, validate_data=validate_data, freeze=freeze, **merge_config(config, given),
         )  # fmt: skip
     _check_arguments(
         epochs, batch_size, lr, num_particles, beta, kl_warmup, val_data, patience, clip_norm, checkpoint_dir, resume
@@ -193,13 +214,28 @@ def fit(
         pyro.set_rng_seed(seed)
     if owner is not None:
         owner.to(dev)
-    train, val = _batches(data, val_data, batch_size, dev, owner if validate_data else None)
+    streams = as_streams(data)
+    train, val = _batches(
+        data if streams is None else streams[0].data,
+        val_data,
+        batch_size if streams is None else streams[0].batch_size or batch_size,
+        dev,
+        owner if validate_data and (streams is None or streams[0].model is None) else None,
+        what="data" if streams is None else f"stream {streams[0].name!r} data",
+    )
     is_vae = Pair(model_fn, guide_fn, owner).is_builtin_vae
     if vectorize_particles is None:
         vectorize_particles = is_vae and num_particles > 1
     step_loss, val_loss = _losses(
         model_fn, guide_fn, owner if is_vae else None, objective, num_particles, vectorize_particles
     )
+    if streams is None:
+        runs = [TrainStream("data", train, step_loss, (model_fn, guide_fn))]
+    else:
+        runs = _stream_runs(
+            streams, train, step_loss, model_fn, guide_fn, owner if validate_data else None, batch_size, dev,
+            objective, num_particles, vectorize_particles, is_vae,
+        )  # fmt: skip
     ckpt_dir = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
     callbacks = _callbacks(model, on_nonfinite, lr, ckpt_dir, progress, val is not None, patience)
     vectorized = vectorize_particles and isinstance(step_loss, PairLoss)  # the direct VAE ELBO always vectorizes
@@ -211,19 +247,29 @@ def fit(
         )
 
     failure: TrainingError | None = None
-    first = train.first()
+    firsts = [(run.pair, run.batches.first()) for run in runs]
+
+    def exercise() -> None:  # every stream's pair on its first batch: it creates every pyro.param site
+        for (m, g), first in firsts:
+            g(*first)
+            m(*first)
+
     with ExitStack() as stack:
+        stack.enter_context(freezing(freeze, model_fn, guide_fn, owner))
+        frozen = frozen_by(model_fn, guide_fn, owner)  # before pyro.module makes them trainable again
         # The model's own parameter store (ppvae._param_store): its kept pyro.param values, else an empty one, so
         # nothing stale from an earlier model under the same names; afterwards the model keeps what it trained.
-        param_state = stack.enter_context(
-            model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(*first), model_fn(*first)), training=True)
-        )
+        param_state = stack.enter_context(model_store(model_fn, guide_fn, owner, exercise=exercise, training=True))
         if owner is not None:
             stack.enter_context(local_module_params())
         if is_vae:
             # Support was checked up front; per-step argument validation only costs time in the hot loop.
             stack.enter_context(pyro.validation_enabled(False))
-        params = collect_params(model_fn, guide_fn, owner, first)
+        found: dict[int, tuple[str, torch.Tensor]] = {}
+        for (m, g), first in firsts:
+            for name, p in collect_params(m, g, owner, first, frozen):
+                found.setdefault(id(p), (name, p))
+        params = list(found.values())
         if ckpt_dir is not None:
             checkpoint.check_space(ckpt_dir, params)
         state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=lr))
@@ -231,10 +277,9 @@ def fit(
             _resume(ckpt_dir, state, owner)
         trainer = Trainer(
             state,
-            train,
-            step_loss,
+            runs,
             epochs=epochs,
-            beta=BetaSchedule(beta, kl_warmup * len(train)),
+            beta=BetaSchedule(beta, kl_warmup * len(runs) * max(len(r.batches) for r in runs)),
             val=val,
             val_loss=val_loss,
             clip_norm=clip_norm,
@@ -264,11 +309,17 @@ def fit(
 
 
 def _batches(
-    data: Any, val_data: Any, batch_size: int, dev: torch.device, check_against: nn.Module | None
+    data: Any,
+    val_data: Any,
+    batch_size: int,
+    dev: torch.device,
+    check_against: nn.Module | None,
+    what: str = "data",
 ) -> tuple[Batches, Batches | None]:
     """Shuffled training batches and unshuffled validation ones (in batches of max(batch_size, 1024) rows: scoring
-    holds no gradients), both checked against ``check_against``'s likelihood when given."""
-    train = make_batches(data, batch_size, dev, shuffle=True, what="data")
+    holds no gradients), both checked against ``check_against``'s likelihood when given; ``what`` names the data in
+    errors."""
+    train = make_batches(data, batch_size, dev, shuffle=True, what=what)
     val = (
         make_batches(val_data, max(batch_size, 1024), dev, shuffle=False, what="val_data", strict=False)
         if val_data is not None
@@ -279,6 +330,47 @@ def _batches(
             if b is not None:
                 b.check_against(check_against)
     return train, val
+
+
+def _stream_runs(
+    streams: list[Stream],
+    first_batches: Batches,
+    fit_loss: BatchLoss,
+    model_fn: Callable,
+    guide_fn: Callable,
+    check_against: nn.Module | None,
+    batch_size: int,
+    dev: torch.device,
+    objective: str | ELBO,
+    num_particles: int,
+    vectorize_particles: bool,
+    is_vae: bool,
+) -> list[TrainStream]:
+    """Each stream's batches and step loss: fit's loss where the stream uses fit's pair and objective, else the
+    stream's objective on the stream's pair, weighted, plus its auxiliary loss."""
+    runs = []
+    for k, st in enumerate(streams):
+        what = f"stream {st.name!r} data"
+        if k == 0:
+            batches = first_batches
+        else:
+            batches = make_batches(st.data, st.batch_size or batch_size, dev, shuffle=True, what=what)
+            if check_against is not None and st.model is None:
+                batches.check_against(check_against)
+        m, g = (st.model, st.guide) if st.model is not None else (model_fn, guide_fn)
+        own = st.model is None and (st.objective is None or st.objective == objective)
+        elbo = None
+        if st.elbo:
+            if own:
+                elbo = fit_loss
+            else:
+                obj = objective if st.objective is None else st.objective
+                mpn = 1 if is_vae and st.model is None else None
+                elbo = PairLoss(m, g, make_objective(obj, num_particles, vectorize_particles, max_plate_nesting=mpn))
+        plain = st.elbo and st.weight == 1.0 and st.aux is None
+        loss = elbo if plain else StreamLoss(elbo, st.weight, st.aux, st.aux_weight)
+        runs.append(TrainStream(st.name, batches, loss, (m, g)))
+    return runs
 
 
 def _losses(
@@ -385,8 +477,8 @@ class Trainer:
     def __init__(
         self,
         state: TrainState,
-        train: Batches,
-        loss: BatchLoss,
+        train: Batches | Sequence[TrainStream],
+        loss: BatchLoss | None = None,
         *,
         epochs: int,
         beta: Callable[[int], float] = BetaSchedule(1.0),
@@ -398,18 +490,29 @@ class Trainer:
         device: torch.device,
         memory_advice: Callable[[int], str] = lambda n: f"one step holds {n} datapoints: lower the batch size",
     ) -> None:
-        self.state, self.train, self.loss = state, train, loss
+        if isinstance(train, Batches):
+            if loss is None:
+                raise ConfigError("Trainer needs a loss for its batches (or a list of TrainStreams)")
+            streams = [TrainStream("data", train, loss, pair)]
+        else:
+            streams = list(train)
+        self.streams = streams
+        self.state, self.train, self.loss = state, streams[0].batches, streams[0].loss
         self.epochs, self.beta = epochs, beta
-        self.val, self.val_loss = val, val_loss if val_loss is not None else loss
+        self.val, self.val_loss = val, val_loss if val_loss is not None else self.loss
         self.clip_norm = clip_norm
         self.callbacks = list(callbacks)
         self.pair, self.device, self.memory_advice = pair, device, memory_advice
-        self.epoch_stats = EpochStats(state.epoch, len(train), torch.zeros((), device=device))
+        # Steps per epoch: round-robin over the streams, as many rounds as the longest has batches.
+        self.steps_per_epoch = len(streams) * max(len(st.batches) for st in streams)
+        self.epoch_stats = EpochStats(state.epoch, self.steps_per_epoch, torch.zeros((), device=device))
         self._trainable = [p for _, p in state.params]
         # Only the step-end hooks someone overrides run per step: the loop's overhead stays off the hot path.
         self._step_hooks = [cb for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
-        # Dead parameters are caught on the first step of a fresh run (a resumed one was checked when it began).
+        # Dead parameters are caught over the first epoch of a fresh run (a resumed one was checked when it
+        # began): a parameter some batches or some streams do not reach is not dead, one no batch reaches is.
         self._gradients_checked = state.epoch > 0
+        self._reached: set[int] = set()
 
     def fit(self) -> TrainState:
         """Train until ``epochs`` epochs are done or ``state.stopped_early``; the state, trained in place."""
@@ -427,11 +530,13 @@ class Trainer:
                 cb.on_fit_end(self, error)
         return self.state
 
-    def training_step(self, batch: tuple, beta: float) -> torch.Tensor:
-        """Forward and backward on one batch: the loss per datapoint, with the gradients in the parameters'
-        ``.grad``. The piece to replace for another kind of step (several losses, several data streams)."""
+    def training_step(self, batch: tuple, beta: float, stream: TrainStream | None = None) -> torch.Tensor:
+        """Forward and backward on one batch of ``stream`` (default: the first): the loss per datapoint, with the
+        gradients in the parameters' ``.grad``. The piece to replace for another kind of step; with several
+        streams it is called with the batch's stream."""
+        stream = self.streams[0] if stream is None else stream
         self.state.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(batch, beta) / self.train.batch_len(batch)
+        loss = stream.loss(batch, beta) / stream.batches.batch_len(batch)
         loss.backward()
         return loss
 
@@ -448,11 +553,16 @@ class Trainer:
 
     def _epoch(self) -> None:
         state = self.state
-        stats = self.epoch_stats = EpochStats(state.epoch, len(self.train), torch.zeros((), device=self.device))
+        stats = self.epoch_stats = EpochStats(state.epoch, self.steps_per_epoch, torch.zeros((), device=self.device))
         for cb in self.callbacks:
             cb.on_epoch_start(self)
-        for step, batch in enumerate(self.train):
-            self._step(step, batch)
+        for step, (stream, batch) in enumerate(round_robin(self.streams)):
+            self._step(step, batch, stream)
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            unreached = [(name, p) for name, p in state.params if id(p) not in self._reached]
+            if unreached and stats.count:
+                raise unreached_error(unreached, self._owner(), [st.name for st in self.streams])
         if stats.skipped and stats.count == 0:
             lr = state.optimizer.param_groups[0]["lr"]
             raise TrainingError(
@@ -470,18 +580,30 @@ class Trainer:
             "examples_per_s": stats.count / seconds,
             "skipped_batches": stats.skipped,
         }
+        if len(self.streams) > 1:  # each stream's mean loss per datapoint (its weighted terms)
+            record["streams"] = {
+                name: (total.item() / stats.stream_counts[name] if stats.stream_counts.get(name) else None)
+                for name, total in stats.stream_sums.items()
+            }
         state.history.append(record)
         state.observe(record["val_elbo"] if self.val is not None else -record["train_loss"])
         for cb in self.callbacks:
             cb.on_epoch_end(self, record)
 
-    def _step(self, step: int, batch: tuple) -> None:
+    def _owner(self) -> nn.Module | None:
+        model_fn = self.pair[0]
+        owner = getattr(model_fn, "__self__", None)
+        return owner if isinstance(owner, nn.Module) else None
+
+    def _step(self, step: int, batch: tuple, stream: TrainStream) -> None:
         stats = self.epoch_stats
         stats.beta = beta = self.beta(stats.index * stats.batches + step)
-        n = self.train.batch_len(batch)
+        n = stream.batches.batch_len(batch)
         invalid = None
         try:
-            loss = self.training_step(batch, beta)
+            # One stream: the call a subclass written for one stream overrides, unchanged.
+            single = len(self.streams) == 1
+            loss = self.training_step(batch, beta) if single else self.training_step(batch, beta, stream)
         except ValueError as err:  # Pyro/torch validation: a distribution got NaN/Inf or bad values
             if isinstance(err, PPVAEError) or "invalid values" not in str(err):
                 raise
@@ -493,12 +615,9 @@ class Trainer:
                 f"out of memory at epoch {stats.index + 1}, batch {step + 1} on {self.device} "
                 f"({describe_out_of_memory(err)}); {self.memory_advice(n)}"
             ) from err
-        if loss is not None and not self._gradients_checked:
-            _check_gradients(self.state.params)
-            self._gradients_checked = True
         grad_max = None if loss is None else _grad_max(self._trainable)
         if loss is None or not _all_finite(loss, grad_max):
-            model_fn, guide_fn = self.pair
+            model_fn, guide_fn = stream.pair
             fault = Fault(
                 stats.index + 1, step + 1, stats.batches, loss, invalid,
                 self.state.params, model_fn, guide_fn, batch, self.device,
@@ -509,9 +628,13 @@ class Trainer:
             return
         if self.clip_norm is not None:
             nn.utils.clip_grad_norm_(self._trainable, self.clip_norm)
+        if not self._gradients_checked:
+            self._reached.update(id(p) for p in self._trainable if p.grad is not None)
         self.state.optimizer.step()
         stats.loss_sum += loss.detach() * n
         stats.count += n
+        if len(self.streams) > 1:
+            stats.add_stream(stream.name, loss.detach() * n, n)
         for cb in self._step_hooks:
             cb.on_step_end(self, step)
 
@@ -545,17 +668,6 @@ def _all_finite(loss: torch.Tensor, grad_max: torch.Tensor | None) -> bool:
     if grad_max is None:
         return bool(torch.isfinite(loss))
     return bool(torch.isfinite(loss) & torch.isfinite(grad_max))
-
-
-def _check_gradients(params: list[tuple[str, torch.Tensor]]) -> None:
-    """Refuse to train parameters the ELBO never reaches: they would silently stay at their initial values."""
-    dead = [name for name, p in params if p.grad is None]
-    if dead:
-        shown = ", ".join(dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else "")
-        raise TrainingError(
-            f"{len(dead)} parameter(s) get no gradient from the ELBO and would never be optimized: {shown}; "
-            "use them in model or guide, or freeze them with requires_grad_(False)"
-        )
 
 
 @torch.no_grad()

@@ -119,6 +119,7 @@ class EpochStats:
         loss_sum: Σ loss × batch size over the steps taken, on the device (read it sparingly: a sync).
         count: datapoints in the steps taken; ``skipped``: batches left out for a non-finite loss or gradient.
         first_fault: the message of the first skipped batch (traced when it happened).
+        stream_sums, stream_counts: the same totals per stream, by name (several streams only).
         started: ``time.perf_counter()`` at the epoch's start.
     """
 
@@ -129,6 +130,13 @@ class EpochStats:
     skipped: int = 0
     first_fault: str = ""
     started: float = field(default_factory=time.perf_counter)
+    stream_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    stream_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_stream(self, name: str, loss_sum: torch.Tensor, count: int) -> None:
+        """Add a step of stream ``name`` (loss × batch size, on the device) to that stream's totals."""
+        self.stream_sums[name] = self.stream_sums[name] + loss_sum if name in self.stream_sums else loss_sum
+        self.stream_counts[name] = self.stream_counts.get(name, 0) + count
 
     def skip(self, fault: Fault) -> None:
         """Count a batch left out; describe only the first of an epoch (a trace each would make skipping slow)."""
