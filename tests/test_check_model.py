@@ -54,11 +54,11 @@ def test_a_tutorial_pair_is_explained_and_left_as_it_was():
     assert check.ok and {"discrete", "scores", "trains", "no-generation-path", "sequential-particles"} <= set(codes)
     assert "BatchNorm" in codes["sequential-particles"].text or "particle" in codes["sequential-particles"].text
     assert set(check.diagnostics) == {"collapse", "gaps", "sbc", "reference"}
-    assert check.diagnostics["sbc"] is not None and check.diagnostics["sbc"].startswith("skipped")
+    assert check.diagnostics["sbc"] is None  # SBC runs the model itself: it needs no generation path
     # Nothing changed: weights, BatchNorm statistics, the training flag, no .grad written, the caller's RNG.
     assert all(torch.equal(before[k], v) for k, v in pair.state_dict().items()) and pair.training
     assert all(p.grad is None for p in pair.parameters()) and torch.equal(rng, torch.get_rng_state())
-    assert "error" not in str(check) and "diagnose part sbc: skipped" in str(check)
+    assert "error" not in str(check) and "diagnose part sbc: runs" in str(check)
 
 
 def test_a_parameter_nothing_uses_is_named():

@@ -216,10 +216,15 @@ def test_model_file_run_evaluates_and_diagnoses(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "n/a" in printed and "reconstruction" not in printed  # a density, and not a ppvae.VAE
     argv = ["diagnose", str(run), "--num-samples", "10", "--sbc-simulations", "10", "--no-reference"]
+    argv += ["--gap-points", "3", "--gap-steps", "5"]
     assert main(argv) == 0
-    assert "skipped" in capsys.readouterr().out
+    assert "active units" in capsys.readouterr().out
     record = json.loads((run / "diagnosis" / "diagnosis.json").read_text())
-    assert set(record["skipped"]) == {"collapse", "gaps"} and "sbc" in record
+    # A user's pair gets every part (sites found from the trace); a latent site named wrong is skipped, saying so.
+    assert record["skipped"] == {} and {"collapse", "gaps", "sbc"} <= set(record)
+    assert main([*argv, "--latent-site", "nope", "--no-gaps", "--no-collapse"]) == 0
+    record = json.loads((run / "diagnosis" / "diagnosis.json").read_text())
+    assert "no continuous local latent sample site 'nope'" in record["skipped"]["sbc"]
 
 
 def test_demo_runs_the_grid_writes_the_report_and_saves_the_best_run(tmp_path, capsys, monkeypatch):

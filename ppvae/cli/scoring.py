@@ -76,6 +76,15 @@ def add_diagnose_args(p: argparse.ArgumentParser) -> None:
         help="use at most this many datapoints of the split (default %(default)s): evenly spaced rows (the split "
         "is already a seeded shuffle); all when the split is smaller",
     )
+    p.add_argument(
+        "--latent-site",
+        dest="latent_sites",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a local latent site the diagnostics work on (repeatable; default every continuous latent in the data "
+        "plate, found from one run of the model)",
+    )
     settings = list(part_settings())
     for config_class in part_configs():
         p.add_argument(f"--no-{config_class.part}", action="store_true", help=f"skip {config_class.about}")
@@ -168,7 +177,15 @@ def diagnose_command(args: argparse.Namespace) -> None:
     if args.max_points < n:  # evenly spaced rows: the split is already a seeded permutation of the dataset
         rows = np.unique(np.linspace(0, n - 1, args.max_points).round().astype(np.int64))
         x = x[torch.as_tensor(rows)]
-    diagnosis = diagnose(model, x, config=config, seed=args.seed, split=args.split, data_plate=_data_plate(args, meta))
+    diagnosis = diagnose(
+        model,
+        x,
+        config=config,
+        seed=args.seed,
+        split=args.split,
+        data_plate=_data_plate(args, meta),
+        latent_sites=args.latent_sites,
+    )
     source = {"run": str(path), "dataset": meta["dataset"], "split": args.split, "split_size": n}
     source["rows"] = "all" if len(x) == n else f"{len(x)} evenly spaced rows of {n}"
     _report_diagnosis(diagnosis, Path(args.out) if args.out else path.parent / "diagnosis", source)

@@ -203,12 +203,13 @@ def _check_generation(pair: Any, say: Callable[[Finding], None]) -> None:
                 "no-generation-path",
                 "note",
                 f"model(None, batch_size=n) raised {type(err).__name__}: {first}; "
-                "without a generation path SBC is skipped and ppvae sample cannot draw new data: give model "
-                "x=None and batch_size=1 defaults and sample the data at the observed site when x is None",
+                "without a generation path ppvae sample cannot draw new data (SBC needs none: it simulates with "
+                "the model's observed sites unconditioned): give model x=None and batch_size=1 defaults and sample "
+                "the data at the observed site when x is None",
             )
         )
     else:
-        say(Finding("generates", "good", "model(None, batch_size=n) generates: SBC and ppvae sample can run"))
+        say(Finding("generates", "good", "model(None, batch_size=n) generates: ppvae sample can run"))
 
 
 def _check_particles(pair: Any, args: tuple, say: Callable[[Finding], None]) -> None:

@@ -1,6 +1,7 @@
 """Posterior collapse: active units, KL per latent dimension, mutual information and marginal KL.
 
-For a ppvae.VAE (it needs q(z | x) and p(z) as distributions):
+For a ppvae.VAE from q(z | x) and p(z) as distributions (:func:`posterior_collapse`); for any other pair from its
+guide's draws of the local latents found from the trace (:func:`pair_collapse`):
 
 - active units (Burda et al. 2015): dimension d is active when Var_x E_q[z_d | x] > 0.01;
 - KL per dimension: E_x KL(q(z_d | x) ‖ p(z_d)) with the marginals of q and p (a dimension under 0.01 nats is
@@ -12,24 +13,30 @@ For a ppvae.VAE (it needs q(z | x) and p(z) as distributions):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import CollapseConfig
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
-from ppvae.infer.pair import AmortizedEncoder
+from ppvae.infer.logweights import particles_broadcast
+from ppvae.infer.pair import AmortizedEncoder, as_pair
+from ppvae.infer.sites import data_axis, discover_sites, per_datapoint_args, site_log_prob_rows, site_rows, take_rows
 
-__all__ = ["Collapse", "posterior_collapse", "run_part", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
+__all__ = ["Collapse", "posterior_collapse", "pair_collapse", "run_part", "ACTIVE_THRESHOLD", "COLLAPSED_NATS"]
 
 ACTIVE_THRESHOLD = 0.01  # Var_x E_q[z_d] above which a unit counts as active (Burda et al. 2015)
 COLLAPSED_NATS = 0.01  # KL per dimension below which a dimension counts as collapsed, nats
@@ -161,8 +168,142 @@ def posterior_collapse(
     )
 
 
+def pair_collapse(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    latent_sites: str | Sequence[str] | None = None,
+    data_plate: str = "data",
+    num_points: int = CollapseConfig.num_points,
+    num_samples: int = CollapseConfig.num_mc_draws,
+    seed: int = 0,
+) -> Collapse:
+    """Collapse statistics of any pair from its guide's draws of the local latents (found from the trace).
+
+    Activity is Var_x of the mean of ``num_samples`` guide draws (the Monte Carlo E_q[z_d | x]); the KL is
+    E_x E_q[log q(z | x) − log p(z | ...)] over the chosen sites, each site's log-density per datapoint from the
+    guide's and the model's traces (the model replayed on the guide's draws, so a prior conditioned on other
+    latents or on inputs is its own); the aggregate posterior, mutual information and marginal KL as for a VAE, on
+    up to 100 datapoints, by scoring each datapoint's draw under every datapoint's guide (``poutine.condition``).
+    ``kl_per_dim`` is computed for one site whose guide is Normal-family and whose prior factorizes, as for a VAE.
+    """
+    pair = as_pair(model, guide, what="collapse")
+    args = per_datapoint_args(data)
+    n = len(args[0])
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=gen)[:num_points] if n > num_points else torch.arange(n)
+    batch = take_rows(args, rows, n)
+    store = model_store(pair.model, pair.guide, pair.owner, exercise=lambda: (pair.guide(*batch), pair.model(*batch)))
+    # Eval mode first (flags and buffers given back afterwards), then the pair's own parameter store.
+    with scoring_mode(pair.owner, pair.model, pair.guide), store, local_module_params(), fork_rngs(), poutine.block():
+        torch.manual_seed(seed)
+        sites = discover_sites(pair.model, pair.guide, batch, data_plate=data_plate)
+        names = sites.latents(latent_sites, "posterior collapse")
+        missing = [s for s in names if s not in sites.guide_sites]
+        if missing:
+            raise NotApplicable(
+                f"posterior collapse reads the guide's draws of {missing}, which the guide does not sample"
+            )
+        z, log_q_all, log_p_all = _draws(pair.model, pair.guide, batch, names, data_plate, num_samples)  # (S, M, ·)
+        activity = z.mean(0).var(0, unbiased=True).double().numpy()
+        kl_total = (log_q_all - log_p_all).mean().item()
+        m = min(len(rows), 100)
+        small = take_rows(batch, torch.arange(m), len(rows))
+        guide_trace = poutine.trace(pair.guide).get_trace(*small)
+        model_trace = poutine.trace(poutine.replay(pair.model, trace=guide_trace)).get_trace(*small)
+
+        def log_density(trace: Any) -> Tensor:  # (m,) Σ over the chosen sites
+            return sum(site_log_prob_rows(trace.nodes[s], data_plate) for s in names)
+
+        log_q, log_p = log_density(guide_trace), log_density(model_trace)
+        cross = []
+        for i in range(m):  # log q(z_i | x_j) for every j: datapoint i's draw given to every datapoint's guide
+            values = {s: _repeat_row(guide_trace.nodes[s], data_plate, i, m) for s in names}
+            conditioned = poutine.trace(poutine.condition(pair.guide, data=values)).get_trace(*small)
+            cross.append(log_density(conditioned))
+        log_q_cross = torch.stack(cross)  # (M_i, M_j)
+        log_q_agg = log_q_cross.logsumexp(1) - math.log(m)
+        marginal_kl = (log_q_agg - log_p).mean().item()
+        kl_dim = _pair_kl_per_dim(guide_trace, model_trace, names, z.shape[-1])
+    return Collapse(
+        activity=activity,
+        kl_per_dim=kl_dim,
+        kl_total=kl_total,
+        mutual_information=(log_q - log_p).mean().item() - marginal_kl,
+        marginal_kl=marginal_kl,
+        num_points=m,
+    )
+
+
+_PARTICLES = "_ppvae_collapse_particles"
+
+
+def _draws(
+    model: Callable, guide: Callable, batch: tuple, names: Sequence[str], plate: str, num: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``z (S, M, D)`` guide draws of the sites ``names`` and their ``log q``, ``log p`` ``(S, M)`` (the model
+    replayed on the draws): S at once in a particle plate, else one run per draw (a guide that does not broadcast)."""
+
+    def run(particles: str | None) -> tuple[Tensor, Tensor, Tensor]:
+        guide_trace = poutine.trace(guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
+        z = torch.cat([site_rows(guide_trace.nodes[s], plate, particles) for s in names], -1)
+        log_q = sum(site_log_prob_rows(guide_trace.nodes[s], plate, particles) for s in names)
+        log_p = sum(site_log_prob_rows(model_trace.nodes[s], plate, particles) for s in names)
+        return z, log_q, log_p  # type: ignore[return-value]
+
+    probe = poutine.trace(guide).get_trace(*batch)
+    dims = [f.dim for site in probe.nodes.values() if site["type"] == "sample" for f in site["cond_indep_stack"]]
+    want = sum(site_rows(probe.nodes[s], plate).numel() for s in names)
+    try:
+        if particles_broadcast(model, guide, *batch, data_plate=plate) is not None:
+            raise ValueError("the pair does not broadcast over particles")  # BatchNorm, masks: one draw at a time
+        with pyro.plate(_PARTICLES, num, dim=min([-1, *dims]) - 1):
+            z, log_q, log_p = run(_PARTICLES)
+        if z.numel() == num * want and log_q.shape == z.shape[:2] and (num == 1 or not bool((z[1:] == z[:1]).all())):
+            return z, log_q, log_p
+    except Exception:  # noqa: BLE001 - a pair that cannot take an outer plate is run once per draw below
+        pass
+    z, log_q, log_p = zip(*(run(None) for _ in range(num)), strict=True)
+    return torch.stack(z), torch.stack(log_q), torch.stack(log_p)
+
+
+def _repeat_row(site: dict, plate: str, i: int, m: int) -> Tensor:
+    """The site's value with datapoint ``i``'s value in every one of the ``m`` rows of its data axis."""
+    value = site["value"]
+    axis = data_axis(site, plate)
+    one = value.narrow(axis, i, 1)
+    return one.expand(*value.shape[:axis], m, *value.shape[axis + 1 :])
+
+
+def _pair_kl_per_dim(guide_trace: Any, model_trace: Any, names: Sequence[str], dim: int) -> np.ndarray | None:
+    """E KL(q(z_d | x) ‖ p(z_d)) per dimension in closed form, for one site with a Normal-family guide and a
+    factorized Normal prior (the torch KL of the marginals); None otherwise."""
+    if len(names) != 1:
+        return None
+    q, p = guide_trace.nodes[names[0]]["fn"], model_trace.nodes[names[0]]["fn"]
+    marg, prior_d = _marginals(q), _prior_marginal(p)
+    if marg is None or prior_d is None or not isinstance(prior_d, dist.Normal) or marg[0].shape[-1] != dim:
+        return None
+    kl = torch.distributions.kl_divergence(dist.Normal(*marg), prior_d)
+    return kl.reshape(-1, dim).mean(0).double().numpy()
+
+
 def run_part(inputs: PartInput, config: CollapseConfig) -> Collapse:
-    """The ``collapse`` part of :func:`ppvae.diagnose`."""
-    return posterior_collapse(
-        inputs.model, inputs.x, num_points=config.num_points, num_samples=config.num_mc_draws, seed=inputs.seed
+    """The ``collapse`` part of :func:`ppvae.diagnose`: a ppvae.VAE from its distributions, any other pair from its
+    guide's draws (:func:`pair_collapse`)."""
+    if inputs.guide is None and isinstance(inputs.model, AmortizedEncoder):
+        return posterior_collapse(
+            inputs.model, inputs.x, num_points=config.num_points, num_samples=config.num_mc_draws, seed=inputs.seed
+        )
+    return pair_collapse(
+        inputs.model,
+        inputs.x if inputs.data is None else inputs.data,
+        guide=inputs.guide,
+        latent_sites=inputs.latent_sites,
+        data_plate=inputs.data_plate,
+        num_points=config.num_points,
+        num_samples=config.num_mc_draws,
+        seed=inputs.seed,
     )

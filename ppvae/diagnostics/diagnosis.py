@@ -18,7 +18,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,7 @@ def diagnose(
     num_samples: int | None = None,
     config: DiagnoseConfig | None = None,
     data_plate: str = "data",
+    latent_sites: str | Sequence[str] | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     split: str | None = None,
@@ -254,6 +255,10 @@ def diagnose(
             posterior, and warm-up and kept draws per chain, 2 chains; NUTS is the costliest part: about
             ``num_reference_points × 2 × (warmup + samples)`` trajectories of up to a few dozen gradient
             evaluations), and the others listed there.
+        data_plate: the plate that indexes datapoints (every part finds the pair's sites from a trace: the local
+            latents are the continuous unobserved sites in this plate, :mod:`ppvae.infer.sites`).
+        latent_sites: the local latent site (or sites) collapse, gaps, SBC and the NUTS reference work on; default
+            every continuous one.
         seed: seeds every part (the global RNG state is restored by the parts that sample).
         split: a label for reports ("test", "val").
 
@@ -274,6 +279,13 @@ def diagnose(
         raise ConfigError(f"config must be a ppvae.diagnostics.config.DiagnoseConfig, got {type(config).__name__}")
     if num_samples is None:
         num_samples = config.num_importance_samples
+    if latent_sites is not None:
+        names = (latent_sites,) if isinstance(latent_sites, str) else tuple(latent_sites)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"latent_sites must be a site name or a list of site names, got {latent_sites!r}")
+        latent_sites = names
+    if not isinstance(data_plate, str) or not data_plate:
+        raise ConfigError(f"data_plate must be the name of a plate (a non-empty string), got {data_plate!r}")
     data = _draw_once(data, seed)
     if isinstance(num_samples, int) and 2 <= num_samples < 100:
         warnings.warn(
@@ -308,6 +320,9 @@ def diagnose(
         x=torch.as_tensor(data[0] if isinstance(data, tuple) else data),
         seed=seed,
         evaluation=evaluation,
+        data=data,
+        data_plate=data_plate,
+        latent_sites=latent_sites,
     )
     for name, part_config in config.parts():
         start = time.perf_counter()

@@ -22,21 +22,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro import poutine
 from pyro.distributions import Distribution
 from torch import Tensor, nn
 
 from ppvae._local_params import local_module_params
+from ppvae._param_store import model_store
+from ppvae._rng import fork_rngs
 from ppvae._stats import mean_se
 from ppvae.blocks.guides import FullRankGuide, LowRankGuide, NormalGuide
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.config import GapsConfig
+from ppvae.diagnostics.local_family import local_family
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
+from ppvae.infer.logweights import log_weights, particles_broadcast
 from ppvae.infer.pair import as_pair
+from ppvae.infer.sites import discover_sites, per_datapoint_args, take_rows
 
-__all__ = ["Gaps", "inference_gaps", "run_part"]
+__all__ = ["Gaps", "inference_gaps", "pair_gaps", "run_part"]
 
 _FIELDS = ("log_px", "elbo_amortized", "elbo_local", "approximation", "amortization")
 _LINEAR_HEADS = (NormalGuide, LowRankGuide, FullRankGuide)  # exact types: q depends on h only through A h + c
@@ -102,6 +109,8 @@ def inference_gaps(
     lr: float = GapsConfig.lr,
     num_particles: int = GapsConfig.num_particles,
     num_samples: int = GapsConfig.num_importance_samples,
+    latent_sites: str | Sequence[str] | None = None,
+    data_plate: str = "data",
     seed: int = 0,
 ) -> Gaps:
     """Split each datapoint's inference gap into approximation and amortization gaps (Cremer et al. 2018).
@@ -130,9 +139,12 @@ def inference_gaps(
     the amortization gap, a difference of independent noisy estimates and may come out slightly negative.
 
     Args:
-        model: a :class:`ppvae.VAE` (other model/guide pairs raise :class:`~ppvae.errors.NotApplicable`).
-        data: ``(N, *data_shape)`` tensor or array.
-        guide: leave None (the VAE's own guide is used).
+        model: a :class:`ppvae.VAE`; any other pair (a module with ``model``/``guide``, or a model function with
+            ``guide``) goes to :func:`pair_gaps`, which re-fits the guide's own family at its local sites.
+        data: ``(N, *data_shape)`` tensor or array (for a pair, also a tuple of model arguments).
+        guide: None for a VAE (its own guide is used); the guide function of a pair.
+        latent_sites, data_plate: for a pair, the local sites re-fitted (default every one the guide samples) and
+            the plate that indexes datapoints.
         index: rows of ``data`` to use; default ``num_points`` rows drawn without replacement with ``seed``.
         steps, lr, num_particles: Adam steps, learning rate and reparameterized samples per step for q*.
         num_samples: S for the final ELBOs and IWAE estimates (the same budget for q and q*).
@@ -142,7 +154,23 @@ def inference_gaps(
         :class:`Gaps`, per datapoint, in nats. Cost: ``steps`` passes of K × num_particles decoder evaluations,
         then 4 × K × num_samples without gradients (the choice of proposal and the final estimates).
     """
-    vae = _check_vae(model, guide)
+    pair = as_pair(model, guide, what="inference_gaps")
+    if not pair.is_builtin_vae:
+        return pair_gaps(
+            model,
+            data,
+            guide=guide,
+            index=index,
+            num_points=num_points,
+            steps=steps,
+            lr=lr,
+            num_particles=num_particles,
+            num_samples=num_samples,
+            latent_sites=latent_sites,
+            data_plate=data_plate,
+            seed=seed,
+        )
+    vae = model
     for name, value in (("steps", steps), ("num_particles", num_particles), ("num_samples", num_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a whole number ≥ 1, got {value!r}")
@@ -207,16 +235,111 @@ def inference_gaps(
     )
 
 
-def _check_vae(model: Any, guide: Callable | None) -> Any:
-    if as_pair(model, guide, what="inference_gaps").is_builtin_vae:
-        return model
-    raise NotApplicable(
-        f"inference_gaps needs a non-amortized version of the guide (the same family optimized per datapoint) to "
-        f"measure the amortization gap; ppvae builds it for a ppvae.VAE (from its guide_head), got "
-        f"{type(model).__name__}{'' if guide is None else ' with a separate guide'}. For your own model/guide pair, "
-        "optimize a guide with per-datapoint pyro.param parameters yourself and compare its ELBO (ppvae.evaluate) "
-        "with the amortized guide's"
+def pair_gaps(
+    model: Any,
+    data: Any,
+    *,
+    guide: Callable | None = None,
+    index: Sequence[int] | np.ndarray | Tensor | None = None,
+    num_points: int = GapsConfig.num_points,
+    steps: int = GapsConfig.steps,
+    lr: float = GapsConfig.lr,
+    num_particles: int = GapsConfig.num_particles,
+    num_samples: int = GapsConfig.num_importance_samples,
+    latent_sites: str | Sequence[str] | None = None,
+    data_plate: str = "data",
+    seed: int = 0,
+) -> Gaps:
+    """The gaps of any pair whose guide draws its local latents from a family ppvae can re-parameterize.
+
+    q* is the guide's own family at each local site (Normal, MultivariateNormal, LowRankMultivariateNormal, or
+    their ``.to_event`` forms; :mod:`ppvae.diagnostics.local_family`) with free parameters per datapoint,
+    initialized at the guide's output for the datapoint and fitted by Adam on the reparameterized ELBO
+    (``num_particles`` draws per step, Polyak-averaged over the last half of the steps, as for a VAE), the model's
+    parameters fixed. ELBOs and IWAE estimates are computed from :func:`ppvae.infer.logweights.log_weights` (the
+    same log-weights as :func:`ppvae.evaluate`), with the choice of proposal for ``log_px`` made on independent
+    draws, as in :func:`inference_gaps`. Other families, guides that also sample non-local or discrete sites, and
+    models with global latents are :class:`~ppvae.errors.NotApplicable`, with the reason.
+    """
+    for name, value in (("steps", steps), ("num_particles", num_particles), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a whole number ≥ 1, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    pair = as_pair(model, guide, what="inference_gaps")
+    args = per_datapoint_args(data)
+    n = len(args[0])
+    idx = _choose_rows(n, index, num_points, seed)
+    batch = take_rows(args, idx, n)
+    store = model_store(pair.model, pair.guide, pair.owner, exercise=lambda: (pair.guide(*batch), pair.model(*batch)))
+    # Eval mode (flags and buffers given back; gradients on for q*'s parameters), the pair's own store, weights fixed.
+    evaluating = scoring_mode(pair.owner, pair.model, pair.guide, no_grad=False)
+    with evaluating, store, fork_rngs(), local_module_params(), _frozen_pair(pair.owner):
+        torch.manual_seed(seed)
+        sites = discover_sites(pair.model, pair.guide, batch, data_plate=data_plate)
+        names = sites.latents(latent_sites, "the amortization/approximation gaps")
+        if sites.global_latents:
+            raise NotApplicable(
+                f"the gaps are per datapoint, but the model has global latent sites {list(sites.global_latents)} "
+                f"outside pyro.plate({data_plate!r}); make them parameters (pyro.param) or fix them"
+            )
+        with poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(pair.guide).get_trace(*batch)
+            # Particles at once only where a trial shows the pair broadcasts over them (BatchNorm, masks do not).
+            vectorize = particles_broadcast(pair.model, pair.guide, *batch, data_plate=data_plate) is None
+        family = local_family(guide_trace, names, sites.guide_sites)
+
+        def lw(g: Callable, num: int) -> Tensor:  # (K, num)
+            return log_weights(pair.model, g, *batch, num_samples=num, data_plate=data_plate, vectorize=vectorize)
+
+        params = family.parameters()
+        opt = torch.optim.Adam(params, lr=lr)
+        trace, start, averaged = [], steps // 2, [p.detach().clone() for p in params]
+        for t in range(steps):
+            opt.zero_grad(set_to_none=True)
+            elbo = lw(family.guide, num_particles).mean(1)  # (K,)
+            (-elbo.sum()).backward()
+            opt.step()
+            trace.append(elbo.detach().mean())
+            if t >= start:
+                for a, p in zip(averaged, params, strict=True):
+                    a += (p.detach() - a) / (t - start + 1)
+        with torch.no_grad():
+            for a, p in zip(averaged, params, strict=True):
+                p.copy_(a)
+            converged = _converged(torch.stack(trace).cpu().double().numpy())
+            elbo_choice = [lw(g, num_samples).double().mean(1) for g in (pair.guide, family.guide)]
+            local_better = (elbo_choice[1] >= elbo_choice[0]).cpu().numpy()
+            lw_amortized, lw_local = lw(pair.guide, num_samples).double(), lw(family.guide, num_samples).double()
+    elbo_a, elbo_l = (w.mean(1).cpu().numpy() for w in (lw_amortized, lw_local))
+    iwae_a, iwae_l = ((w.logsumexp(1) - math.log(num_samples)).cpu().numpy() for w in (lw_amortized, lw_local))
+    log_px = np.where(local_better, iwae_l, iwae_a)
+    return Gaps(
+        index=idx,
+        log_px=log_px,
+        elbo_amortized=elbo_a,
+        elbo_local=elbo_l,
+        approximation=log_px - elbo_l,
+        amortization=elbo_l - elbo_a,
+        steps=steps,
+        num_samples=num_samples,
+        converged=converged,
     )
+
+
+@contextmanager
+def _frozen_pair(owner: nn.Module | None) -> Iterator[None]:
+    """The model's weights (the module's and the parameter store's) fixed while q* is fitted; flags restored."""
+    tensors = list(owner.parameters()) if owner is not None else []
+    tensors += [p for _, p in pyro.get_param_store().named_parameters()]
+    flags = [(p, p.requires_grad) for p in tensors]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _choose_rows(n: int, index: Any, num_points: int, seed: int) -> np.ndarray:
@@ -307,12 +430,14 @@ def run_part(inputs: PartInput, config: GapsConfig) -> Gaps:
     """The ``gaps`` part of :func:`ppvae.diagnose`."""
     return inference_gaps(
         inputs.model,
-        inputs.x,
+        inputs.x if inputs.data is None or as_pair(inputs.model, inputs.guide).is_builtin_vae else inputs.data,
         guide=inputs.guide,
         num_points=config.num_points,
         steps=config.steps,
         lr=config.lr,
         num_particles=config.num_particles,
         num_samples=config.num_importance_samples,
+        latent_sites=inputs.latent_sites,
+        data_plate=inputs.data_plate,
         seed=inputs.seed,
     )

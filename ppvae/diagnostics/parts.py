@@ -34,6 +34,10 @@ class PartInput:
         x: ``(N, *data_shape)`` the data every part sees (a dynamically binarized dataset drawn once).
         seed: seeds the part's own randomness; parts leave the global RNG state as they found it.
         evaluation: the :class:`~ppvae.diagnostics.evaluation.Evaluation` of the same data (log-weights kept).
+        data: the data as the pair takes them (``x``, or a tuple of model arguments: data, labels, masks...).
+        data_plate: the plate that indexes datapoints.
+        latent_sites: the local latent sites the caller named, or None (every continuous one, found from the trace:
+            :mod:`ppvae.infer.sites`).
     """
 
     model: Any
@@ -41,3 +45,6 @@ class PartInput:
     x: Tensor
     seed: int
     evaluation: Any
+    data: Any = None
+    data_plate: str = "data"
+    latent_sites: tuple[str, ...] | None = None

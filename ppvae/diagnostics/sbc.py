@@ -13,7 +13,7 @@ one-sided: a q that ignores x and returns p(z) is calibrated too; read SBC next 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,10 @@ from ppvae._param_store import model_store
 from ppvae._rng import fork_rngs
 from ppvae.diagnostics.config import SBCConfig
 from ppvae.diagnostics.parts import PartInput
-from ppvae.errors import ConfigError, NotApplicable
+from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
 from ppvae.infer.pair import AmortizedEncoder, GenerativePath, as_pair
+from ppvae.infer.sites import Sites, discover_sites, guide_draws, per_datapoint_args, site_rows, take_rows
 
 __all__ = ["SBCResult", "sbc", "sbc_plot", "run_part"]
 
@@ -100,6 +101,9 @@ def sbc(
     model: Any,
     *,
     guide: Callable | None = None,
+    data: Any = None,
+    latent_sites: str | Sequence[str] | None = None,
+    data_plate: str = "data",
     num_simulations: int = SBCConfig.num_simulations,
     num_draws: int = SBCConfig.num_draws,
     seed: int = 0,
@@ -109,10 +113,19 @@ def sbc(
 
     Args:
         model: a :class:`ppvae.VAE` (uses ``prior()``, ``decode(z)``, ``encode(x)``); a module with ``model`` and
-            ``guide`` methods; or a model function with ``guide=``. Pairs must follow the generation-path convention:
-            ``model(None, batch_size=n)`` samples the latent site ``"z"`` (in the ``"data"`` plate, dim -1) and
-            returns (or samples at site ``"x"``) ``n`` new datapoints; ``guide(x)`` samples site ``"z"``.
+            ``guide`` methods; or a model function with ``guide=``.
         guide: the guide function when ``model`` is a function.
+        data: for a pair, the data (a tensor or a tuple of model arguments: data, labels, masks...) whose
+            datapoints lend each simulation its conditioning inputs: simulation m runs the model itself on
+            datapoint ``m mod N`` with its observed sites unconditioned (``poutine.uncondition``), so the latents
+            are drawn from the prior and the observations from the likelihood by the model's own code; each
+            observed site's draw replaces the argument it observed, and ``guide`` is run on those arguments. The
+            local latent sites are found from the trace (:mod:`ppvae.infer.sites`). Without ``data`` a pair must
+            follow the generation-path convention: ``model(None, batch_size=n)`` samples site ``"z"`` in the
+            ``"data"`` plate (dim -1) and returns (or samples at site ``"x"``) ``n`` new datapoints.
+        latent_sites: the local latent sites ranked (default: every continuous one; enumerated discrete ones are
+            never ranked), with ``data``.
+        data_plate: the plate that indexes datapoints, with ``data``.
         num_simulations: M simulated datasets of one datapoint each (≥ 10).
         num_draws: L guide draws per simulation; ranks lie in {0, …, L}.
         seed: seeds Pyro/torch/NumPy RNGs (:func:`pyro.set_rng_seed`) for this call only, so results are
@@ -134,9 +147,12 @@ def sbc(
         simulate = _vae_simulator(model)  # no Pyro: no parameter store
     else:
         pair = as_pair(model, guide, what="sbc")
-        simulate = _pair_simulator(pair.model, pair.guide)
+        if data is None:
+            simulate = _pair_simulator(pair.model, pair.guide)
+        else:
+            simulate = _unconditioned_simulator(pair.model, pair.guide, data, latent_sites, data_plate)
         # The pair's own parameter store (ppvae._param_store); one simulation binds a loaded pair's networks.
-        own_store = model_store(pair.model, pair.guide, pair.owner, exercise=functools.partial(simulate, 1, 1))
+        own_store = model_store(pair.model, pair.guide, pair.owner, exercise=functools.partial(simulate, 0, 1, 1))
     chunks = []
     # Eval mode first (every module's own training flag and buffers given back afterwards), so that binding a loaded
     # pair's networks moves no statistics. Seeded on copies of the global RNGs (the numbers pyro.set_rng_seed(seed)
@@ -144,7 +160,7 @@ def sbc(
     with scoring_mode(model, guide), own_store, local_module_params(), poutine.block(), fork_rngs(seed):
         for start in range(0, num_simulations, batch_size):
             m = min(batch_size, num_simulations - start)
-            z_true, draws = simulate(m, num_draws)  # (m, D), (L, m, D)
+            z_true, draws = simulate(start, m, num_draws)  # (m, D), (L, m, D)
             chunks.append((draws < z_true).sum(0).cpu().numpy())
     ranks = np.concatenate(chunks).astype(np.int64)
     bins = min(20, num_simulations // 5, num_draws + 1)
@@ -156,8 +172,11 @@ def sbc(
     return SBCResult(ranks=ranks, num_draws=num_draws, bins=bins, p_values=p_values)
 
 
-def _vae_simulator(vae: Any) -> Callable[[int, int], tuple[Tensor, Tensor]]:
-    def simulate(m: int, num_draws: int) -> tuple[Tensor, Tensor]:
+_Simulator = Callable[[int, int, int], tuple[Tensor, Tensor]]  # (first simulation, m, L) → z̃ (m, D), draws (L, m, D)
+
+
+def _vae_simulator(vae: Any) -> _Simulator:
+    def simulate(start: int, m: int, num_draws: int) -> tuple[Tensor, Tensor]:
         z = vae.prior().sample((m,))
         x = vae.decode(z).sample()
         return z, vae.encode(x).sample((num_draws,))
@@ -169,12 +188,13 @@ def _convention_error(what: str) -> NotApplicable:
     return NotApplicable(
         f"sbc simulates data from the model, but {what}; follow the generation-path convention: model(None, "
         "batch_size=n) samples the latent site 'z' inside pyro.plate('data', n) and returns the n new datapoints "
-        "(or samples them at site 'x'), and guide(x) samples site 'z'"
+        "(or samples them at site 'x'), and guide(x) samples site 'z'; or give sbc data= (diagnose does), so the "
+        "model itself simulates at its observed sites"
     )
 
 
-def _pair_simulator(model: Callable, guide: Callable) -> Callable[[int, int], tuple[Tensor, Tensor]]:
-    def simulate(m: int, num_draws: int) -> tuple[Tensor, Tensor]:
+def _pair_simulator(model: Callable, guide: Callable) -> _Simulator:
+    def simulate(start: int, m: int, num_draws: int) -> tuple[Tensor, Tensor]:
         try:
             trace = poutine.trace(model).get_trace(None, batch_size=m)
         except Exception as exc:
@@ -186,6 +206,71 @@ def _pair_simulator(model: Callable, guide: Callable) -> Callable[[int, int], tu
             raise _convention_error(f"model(None, batch_size={m}) returned no x with {m} rows (no site 'x')")
         z = trace.nodes["z"]["value"].reshape(m, -1)
         return z, _guide_draws(guide, x, m, z.shape[1], num_draws)
+
+    return simulate
+
+
+def _argument_of(obs: Any, args: tuple) -> int | None:
+    """Which argument an observed site observed: the same tensor, else one with the same values (reshaped)."""
+    for k, a in enumerate(args):
+        if a is obs:
+            return k
+    for k, a in enumerate(args):
+        if torch.is_tensor(a) and torch.is_tensor(obs) and a.numel() == obs.numel() and a.numel() > 0:
+            if torch.equal(a.reshape(-1).to(obs.dtype), obs.reshape(-1)):
+                return k
+    return None
+
+
+def _unconditioned_simulator(
+    model: Callable, guide: Callable, data: Any, names: str | Sequence[str] | None, plate: str
+) -> _Simulator:
+    """Simulations by the model's own code: datapoints' inputs, observed sites unconditioned (see :func:`sbc`)."""
+    args = per_datapoint_args(data)
+    n = len(args[0]) if args and args[0].dim() > 0 else 0
+    if n == 0:
+        raise DataError("sbc needs at least one datapoint in data (its inputs condition the simulations)")
+    found: dict[str, Any] = {}
+
+    def roles(batch: tuple) -> tuple[Sites, tuple[str, ...]]:
+        if not found:
+            sites = discover_sites(model, guide, batch, data_plate=plate)
+            if sites.global_latents:
+                raise NotApplicable(
+                    f"sbc draws every simulation's latents from the prior independently, but the model has global "
+                    f"latent sites {list(sites.global_latents)} outside pyro.plate({plate!r}), shared by all "
+                    "datapoints; SBC of such a model needs one simulated dataset per simulation, which ppvae does "
+                    "not run"
+                )
+            if not sites.observed:
+                raise NotApplicable(
+                    f"sbc simulates data at the model's observed sites and the model has none in plate {plate!r} "
+                    f"({sites.describe()}); observe the data with pyro.sample(..., obs=x) inside that plate"
+                )
+            chosen = sites.latents(names, "sbc")
+            missing = [s for s in chosen if s not in sites.guide_sites]
+            if missing:
+                raise NotApplicable(f"sbc ranks the guide's draws of {missing}, which the guide does not sample")
+            found.update(sites=sites, chosen=chosen)
+        return found["sites"], found["chosen"]
+
+    def simulate(start: int, m: int, num_draws: int) -> tuple[Tensor, Tensor]:
+        batch = take_rows(args, torch.arange(start, start + m) % n, n)
+        sites, chosen = roles(batch)
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(*batch)
+        simulated = list(batch)
+        for name in sites.observed:
+            node = trace.nodes[name]
+            k = _argument_of(node["infer"].get("obs"), batch)
+            if k is None:
+                raise NotApplicable(
+                    f"sbc gives the guide the data the model simulated at its observed site {name!r}, but that site "
+                    "observes a value computed inside the model (not one of its arguments), so the simulated value "
+                    f"has no argument to go to; observe an argument as it is (obs=x, reshaped at most)"
+                )
+            simulated[k] = node["value"].reshape(batch[k].shape).to(batch[k].dtype)
+        z = torch.cat([site_rows(trace.nodes[s], plate) for s in chosen], -1)  # (m, D)
+        return z, guide_draws(guide, tuple(simulated), chosen, plate, num_draws)
 
     return simulate
 
@@ -246,11 +331,20 @@ def sbc_plot(result: SBCResult, path: str | Path) -> Path:
     return path
 
 
+def _is_vae(inputs: PartInput) -> bool:
+    return (
+        inputs.guide is None and isinstance(inputs.model, AmortizedEncoder) and isinstance(inputs.model, GenerativePath)
+    )
+
+
 def run_part(inputs: PartInput, config: SBCConfig) -> SBCResult:
-    """The ``sbc`` part of :func:`ppvae.diagnose` (it simulates its own data: ``inputs.x`` is not used)."""
+    """The ``sbc`` part of :func:`ppvae.diagnose`: a pair's simulations take their inputs from ``inputs.data``."""
     return sbc(
         inputs.model,
         guide=inputs.guide,
+        data=None if _is_vae(inputs) else inputs.data,
+        latent_sites=inputs.latent_sites,
+        data_plate=inputs.data_plate,
         num_simulations=config.num_simulations,
         num_draws=config.num_draws,
         batch_size=config.batch_size,
