@@ -399,6 +399,12 @@ def _check_sites(
             f"has global latent sites {list(sites.global_latents)} outside pyro.plate({plate!r}), which NUTS on one "
             "datapoint would sample from that datapoint alone; make them parameters (pyro.param) or fix them"
         )
+    if sites.masked:
+        raise NotApplicable(
+            f"the NUTS reference samples every latent of a datapoint, but the latent sites {list(sites.masked)} are "
+            "masked out for some datapoints (a sequence's padding): there the posterior is flat in them and NUTS "
+            "would not converge; diagnose datapoints without padding (all steps observed) to get it"
+        )
     missing = [s for s in names if s not in sites.guide_sites]
     if missing:
         raise NotApplicable(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -53,6 +54,8 @@ class Sites:
         global_latents: unobserved sites outside the data plate.
         guide_sites: unobserved sample sites of the guide.
         sizes: coordinates per datapoint of each local latent (``numel`` of one datapoint's value).
+        masked: local latents masked out for some datapoint (``poutine.mask`` or ``.mask(...)``: a sequence's
+            padding), whose posterior there is flat.
     """
 
     data_plate: str
@@ -62,6 +65,7 @@ class Sites:
     global_latents: tuple[str, ...]
     guide_sites: tuple[str, ...]
     sizes: dict[str, int]
+    masked: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """The roles in words, for messages: ``local latents ['z'], observed ['x'] in plate 'data'``."""
@@ -148,7 +152,7 @@ def discover_sites(
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     enumerated_in_guide = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and _is_discrete(s)}
-    local, enumerated, observed, global_latents, sizes = [], [], [], [], {}
+    local, enumerated, observed, global_latents, sizes, masked = [], [], [], [], {}, []
     plates = set()
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -165,6 +169,8 @@ def discover_sites(
         else:
             local.append(name)
             sizes[name] = site_rows(site, data_plate).shape[1]
+            if _masked_somewhere(site):
+                masked.append(name)
     if data_plate not in plates:
         raise NotApplicable(
             f"the model has no sample site inside a plate named {data_plate!r} (its plates are {sorted(plates)}), "
@@ -176,8 +182,27 @@ def discover_sites(
         if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
     )
     return Sites(
-        data_plate, tuple(local), tuple(enumerated), tuple(observed), tuple(global_latents), guide_sites, sizes
+        data_plate,
+        tuple(local),
+        tuple(enumerated),
+        tuple(observed),
+        tuple(global_latents),
+        guide_sites,
+        sizes,
+        tuple(masked),
     )
+
+
+def _masked_somewhere(site: dict) -> bool:
+    """Whether the site's log-density is masked out anywhere: a ``poutine.mask`` on the site, or a
+    ``MaskedDistribution`` among its distribution's wrappers."""
+    masks = [site.get("mask")]
+    fn = site["fn"]
+    while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
+        if isinstance(fn, dist.MaskedDistribution):
+            masks.append(fn._mask)
+        fn = fn.base_dist
+    return any(m is not None and not (m is True or (torch.is_tensor(m) and bool(m.all()))) for m in masks)
 
 
 def data_axis(site: dict, plate: str) -> int:
