@@ -173,3 +173,20 @@ def test_observed_kind_from_the_trace():
     observed_sites(model, guide, x, "mass")
     assert torch.equal(state, torch.get_rng_state())  # run on copies of the RNGs
 
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--model", "models/factor_analysis.py", "--prior", "vamp"], "--prior has no effect with --model"),
+        (["train", "--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a typo is a typo
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(argv, match, tmp_path, capsys):
+    try:
+        status = main([*argv, "--out", str(tmp_path / "run"), "--no-progress"])
+    except SystemExit as exit_:
+        status = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and match in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -781,7 +781,7 @@ def test_cli_sample_huge_seed(cli_files):
 
 def test_cli_model_file_not_python(cli_files):
     grey = str(cli_files / "grey.npy")
-    argv = ["train", "--dataset", grey, "--model", grey, "--out", str(cli_files / "mf"), *TINY_FLAGS]
+    argv = ["train", "--dataset", grey, "--model", grey, "--out", str(cli_files / "mf"), "--no-progress"]
     code, _, err = run_cli(argv)
     assert_clean_exit(argv, code, err)
     assert code == 2 and "is not a Python file" in err

@@ -72,16 +72,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the model's plate holding local latents and observations, when not 'data' (recorded in the run)",
     )
-    p.add_argument("--prior", default="normal", help=f"one of {', '.join(PRIORS.names())}; options as name:key=value")
+    # The block flags default to None so that one given with --model (which it cannot affect) is refused.
+    p.add_argument(
+        "--prior", default=None, help=f"one of {', '.join(PRIORS.names())} (default normal); options as name:key=value"
+    )
     p.add_argument(
         "--likelihood",
         default=None,
         help=f"one of {', '.join(LIKELIHOODS.names())} (default: bernoulli for binarized data, "
         "categorical for grey levels, normal otherwise)",
     )
-    p.add_argument("--guide", default="normal", help=f"one of {', '.join(GUIDES.names())}")
-    p.add_argument("--encoder", default="mlp", help="mlp or conv (options: mlp:hidden=[256,128])")
-    p.add_argument("--decoder", default="mlp", help="mlp or conv")
+    p.add_argument("--guide", default=None, help=f"one of {', '.join(GUIDES.names())} (default normal)")
+    p.add_argument("--encoder", default=None, help="mlp (default) or conv (options: mlp:hidden=[256,128])")
+    p.add_argument("--decoder", default=None, help="mlp (default) or conv")
     p.add_argument("--latent-dim", type=count_arg("latent_dim"), default=16)
     p.add_argument("--binarize", choices=["static", "dynamic"], default=None)
     # Training flags: the names, checks and defaults of FitConfig.cli() (fit's, but 20 epochs where fit does 10).
@@ -119,6 +122,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (exit status 2), like every other ppvae error: the usage
     block is what ``--help`` is for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: --epoch is a typo to report, not --epochs (a later flag could make it ambiguous).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -179,6 +187,11 @@ def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.Dat
     meta = RunMeta.of_data(splits, latent_dim=args.latent_dim, seed=args.seed)
     # The initial weights come from torch's global RNG: seed it first, so one --seed reproduces the whole run.
     pyro.set_rng_seed(args.seed)
+    blocks = {"prior": args.prior, "likelihood": args.likelihood, "guide": args.guide, "encoder": args.encoder}
+    blocks["decoder"] = args.decoder
+    if args.model and any(v is not None for v in blocks.values()):
+        given = ", ".join(f"--{k}" for k, v in blocks.items() if v is not None)
+        raise ConfigError(f"{given} has no effect with --model FILE (the file builds the whole model); leave it out")
     if args.model_option and not args.model:
         raise ConfigError("--model-option is for a model file's build; give --model FILE too")
     meta = dataclasses.replace(meta, data_plate=args.data_plate)
@@ -191,11 +204,11 @@ def _train(args: argparse.Namespace) -> tuple[dict, torch.nn.Module, datamod.Dat
         model = VAE(
             splits.data_shape,
             args.latent_dim,
-            prior=parse_block(args.prior),
+            prior=parse_block(args.prior or "normal"),
             likelihood=with_levels(parse_block(likelihood), splits.levels),
-            guide=parse_block(args.guide),
-            encoder=parse_block(args.encoder),
-            decoder=parse_block(args.decoder),
+            guide=parse_block(args.guide or "normal"),
+            encoder=parse_block(args.encoder or "mlp"),
+            decoder=parse_block(args.decoder or "mlp"),
         )
     t0 = time.perf_counter()
     result = fit(

@@ -225,7 +225,7 @@ def _check_particles(pair: Any, args: tuple, say: Callable[[Finding], None]) -> 
                 "sequential-particles",
                 "note",
                 f"the pair does not broadcast over a leading particle dim ({why}): "
-                "evaluate and diagnose score it one particle at a time, with the same numbers but S passes",
+                "evaluate and diagnose score it one particle at a time, the same estimator in S passes",
             )
         )
 

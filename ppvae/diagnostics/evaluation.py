@@ -204,7 +204,8 @@ def _iter_log_weights(
         # Shape and the likelihood's support, as fit checks them: a log-probability of data outside the support
         # (0.5 under a Bernoulli, a value off a categorical's grid) is a finite-looking number that means nothing.
         batches.check_against(owner)
-    fast = is_builtin_vae(owner)
+    # A ppvae.VAE is scored by its direct vectorized path; vectorize=False asks for Pyro's traces, particle by particle.
+    fast = is_builtin_vae(owner) and vectorize is not False
     _check_memory(min(batch_size, batches.n or batch_size), num_samples, 3 if fast else 1)
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None
@@ -342,8 +343,11 @@ def evaluate(
         split: a label for reports ("test", "val").
         vectorize: draw particles in one pass (True) or one at a time (False); None (default) decides by a trial
             on the first batch (:func:`ppvae.infer.logweights.particles_broadcast`): a pair with a
-            ``BatchNorm1d`` decoder or a ``(batch, D)`` mask is scored one particle at a time, with the same
-            numbers. ``Evaluation.particles`` says which was used.
+            ``BatchNorm1d`` decoder or a ``(batch, D)`` mask is scored one particle at a time: the same estimator,
+            from other random draws (the two agree on the same draws, tested), so the numbers of one ``seed`` differ
+            between the two, as they do between batch sizes. A ``ppvae.VAE`` is scored by its own vectorized path
+            unless ``vectorize=False`` (Pyro's traces then, without the reconstruction/KL split).
+            ``Evaluation.particles`` says which was used.
 
     The pair is scored in eval mode (dropout off, BatchNorm on its running statistics) without gradients; every
     module it calls gets its training flag and its buffers back afterwards, also when the call raises.
