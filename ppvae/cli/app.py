@@ -358,7 +358,9 @@ def _info(args: argparse.Namespace) -> None:
     # A checkpoint of a pair of functions has no module: its weights are the Pyro parameters it optimized.
     weights = obj.get("state_dict", obj.get("params", {}))
     n = sum(t.numel() for t in weights.values() if torch.is_tensor(t))  # a state_dict may hold extra state
-    kind = "" if "state_dict" in obj or not weights else f" in {len(weights)} Pyro parameters"
+    kind = " (parameters and buffers)" if "state_dict" in obj else ""
+    if "state_dict" not in obj and weights:
+        kind = f" in {len(weights)} Pyro parameters"
     print(f"  weights     {n:,} numbers{kind}")
     for key in ("dataset", "binarize", "levels", "model_file"):
         if getattr(meta, key) is not None:
@@ -366,11 +368,11 @@ def _info(args: argparse.Namespace) -> None:
     history = meta.history or []
     if history:
         last = history[-1]
-        val = f", val ELBO {last['val_elbo']:.3f}" if last.get("val_elbo") is not None else ""
+        val = f", last epoch's val ELBO {last['val_elbo']:.3f}" if last.get("val_elbo") is not None else ""
         print(f"  trained     {len(history)} epochs, last train loss {last['train_loss']:.3f}{val}")
     for key, value in (meta.summary or {}).items():
-        if key.endswith("elbo"):
-            print(f"  {key:11s} {value}")
+        if key.endswith("elbo"):  # the summary's: the saved (best) weights, scored after training in eval mode
+            print(f"  {key:11s} {value} (saved weights)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
