@@ -36,7 +36,6 @@ from ppvae.diagnostics.diagnosis import diagnose
 from ppvae.diagnostics.findings import Finding
 from ppvae.errors import PPVAEError
 from ppvae.infer.eval_mode import scoring_mode
-from ppvae.infer.logweights import particles_broadcast
 from ppvae.infer.pair import as_pair
 
 __all__ = ["ModelCheck", "check_model"]
@@ -104,7 +103,6 @@ def check_model(
     _check_gradients(pair, args, say)
     _check_generation(pair, say)
     if scored:
-        _check_particles(pair, args, say)
         _check_parts(model, guide, batch, data_plate, out)
     return out
 
@@ -151,6 +149,17 @@ def _check_scoring(model: Any, guide: Any, batch: Any, data_plate: str, say: Cal
             )
         )
     say(Finding("scores", "good", f"scores: ELBO {float(ev.elbo.mean()):.3f} nats per datapoint on this batch"))
+    # evaluate's own broadcast trial on this batch decided how particles were drawn, and says why
+    if ev.particles is not None and ev.particles.startswith("sequential ("):
+        why = ev.particles[len("sequential (") : -1]
+        say(
+            Finding(
+                "sequential-particles",
+                "note",
+                f"the pair does not broadcast over a leading particle dim ({why}): "
+                "evaluate and diagnose score it one particle at a time, the same estimator in S passes",
+            )
+        )
     return True
 
 
@@ -210,24 +219,6 @@ def _check_generation(pair: Any, say: Callable[[Finding], None]) -> None:
         )
     else:
         say(Finding("generates", "good", "model(None, batch_size=n) generates: ppvae sample can run"))
-
-
-def _check_particles(pair: Any, args: tuple, say: Callable[[Finding], None]) -> None:
-    with scoring_mode(pair.owner, pair.model, pair.guide), fork_rngs(0), poutine.block():
-        with (
-            local_module_params() if pair.owner is not None else nullcontext(),
-            model_store(pair.model, pair.guide, pair.owner),
-        ):
-            why = particles_broadcast(pair.model, pair.guide, *args)
-    if why is not None:
-        say(
-            Finding(
-                "sequential-particles",
-                "note",
-                f"the pair does not broadcast over a leading particle dim ({why}): "
-                "evaluate and diagnose score it one particle at a time, the same estimator in S passes",
-            )
-        )
 
 
 def _check_parts(model: Any, guide: Any, batch: Any, data_plate: str, out: ModelCheck) -> None:

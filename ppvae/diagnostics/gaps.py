@@ -430,7 +430,7 @@ def run_part(inputs: PartInput, config: GapsConfig) -> Gaps:
     """The ``gaps`` part of :func:`ppvae.diagnose`."""
     return inference_gaps(
         inputs.model,
-        inputs.x if inputs.data is None or as_pair(inputs.model, inputs.guide).is_builtin_vae else inputs.data,
+        inputs.model_data(),
         guide=inputs.guide,
         num_points=config.num_points,
         steps=config.steps,

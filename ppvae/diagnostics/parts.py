@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ppvae.infer.pair import as_pair
+
 __all__ = ["PartInput"]
 
 
@@ -48,3 +50,10 @@ class PartInput:
     data: Any = None
     data_plate: str = "data"
     latent_sites: tuple[str, ...] | None = None
+
+    def model_data(self) -> Any:
+        """The data to hand a part's function: ``x`` alone for a ``ppvae.VAE`` (its model takes x) or when no
+        other form was given, else the data as the pair takes them (a tuple of its arguments included)."""
+        if self.data is None or as_pair(self.model, self.guide).is_builtin_vae:
+            return self.x
+        return self.data

@@ -417,7 +417,7 @@ def run_part(inputs: PartInput, config: ReferenceConfig) -> ReferencePosterior:
     """The ``reference`` part of :func:`ppvae.diagnose`."""
     return reference_posterior(
         inputs.model,
-        inputs.x if inputs.data is None or as_pair(inputs.model, inputs.guide).is_builtin_vae else inputs.data,
+        inputs.model_data(),
         guide=inputs.guide,
         num_points=config.num_points,
         num_chains=config.num_chains,
