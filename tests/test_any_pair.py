@@ -4,6 +4,7 @@ in eval mode without changing the model, and with log-weights that are right or 
 import math
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -499,7 +500,7 @@ def _mixture_exact(x):
     return joint.logsumexp(-1), joint - joint.logsumexp(-1, keepdim=True)
 
 
-def test_an_enumerated_guide_latent_is_importance_sampled_exactly():
+def test_an_enumerated_guide_latent_is_summed_exactly():
     x = torch.tensor([-2.5, -0.3, 0.4, 1.7, 3.3], dtype=torch.float64)
     log_px, log_post = _mixture_exact(x)
 
@@ -508,6 +509,7 @@ def test_an_enumerated_guide_latent_is_importance_sampled_exactly():
         with pyro.plate("data", len(x)):
             pyro.sample("y", dist.Categorical(logits=_mixture_exact(x)[1]))
 
+    # Sampled (log_weights' default): with the exact posterior as q, every weight is log p(x).
     lw = log_weights(_mixture_model, exact_guide, x, num_samples=50)
     torch.testing.assert_close(lw, log_px[:, None].expand(5, 50), atol=1e-6, rtol=0)
 
@@ -516,22 +518,36 @@ def test_an_enumerated_guide_latent_is_importance_sampled_exactly():
         with pyro.plate("data", len(x)):
             pyro.sample("y", dist.Categorical(logits=torch.zeros(len(x), 3, dtype=x.dtype)))
 
-    ev = ppvae.evaluate(_mixture_model, x, guide=uniform_guide, num_samples=20000, seed=0, keep_log_weights=True)
-    assert abs(ev.log_px - log_px.numpy()).max() < 0.02
-    # TraceEnum_ELBO's exact ELBO for this guide: Σ_y q(y) [log p(x, y) − log q(y)], q uniform.
+    # Summed (evaluate): log p̂ is exact whatever q is, and the ELBO is TraceEnum_ELBO's exact one for this guide,
+    # Σ_y q(y) [log p(x, y) − log q(y)] with q uniform, not the mean of the (now constant) log-weights.
+    ev = ppvae.evaluate(_mixture_model, x, guide=uniform_guide, num_samples=20, seed=0)
+    assert ev.enumerated == "summed: y"
+    np.testing.assert_allclose(ev.log_px, log_px.numpy(), atol=1e-9)
     elbo = ((PRIOR.log() + dist.Normal(MEANS, SD).log_prob(x[:, None]) + math.log(3)) / 3).sum(-1)
-    se = ev.log_weights.astype("float64").std(1) / math.sqrt(20000)
-    assert (abs(ev.elbo - elbo.numpy()) < 4 * se).all()
+    np.testing.assert_allclose(ev.elbo, elbo.numpy(), atol=1e-9)
 
 
-def test_a_model_side_discrete_latent_the_guide_does_not_draw_is_its_own_proposal():
+def _sequential_mixture_model(x):
+    with pyro.plate("data", len(x)):
+        y = pyro.sample("y", dist.Categorical(PRIOR), infer={"enumerate": "sequential"})
+        pyro.sample("x", dist.Normal(MEANS[y], SD), obs=x)
+
+
+def test_a_model_side_enumerated_latent_is_summed_and_one_that_cannot_be_is_its_own_proposal():
     x = torch.tensor([-2.5, 0.4, 3.3], dtype=torch.float64)
     log_px, _ = _mixture_exact(x)
 
     def no_guide(x):
         pass
 
-    ev = ppvae.evaluate(_mixture_model, x, guide=no_guide, num_samples=20000, seed=0, keep_log_weights=True)
+    ev = ppvae.evaluate(_mixture_model, x, guide=no_guide, num_samples=10, seed=0)
+    assert ev.enumerated == "summed: y"
+    np.testing.assert_allclose(ev.log_px, log_px.numpy(), atol=1e-9)
+    np.testing.assert_allclose(ev.elbo, log_px.numpy(), atol=1e-9)  # no continuous latent: ELBO = log p(x)
+
+    # Sequential enumeration is TraceEnum_ELBO's own scheme: scoring draws y from the model's prior instead.
+    ev = ppvae.evaluate(_sequential_mixture_model, x, guide=no_guide, num_samples=20000, seed=0, keep_log_weights=True)
+    assert ev.enumerated.startswith("sampled (site 'y' is marked for sequential enumeration")
     # lw = log p(x | y), y ~ p(y): the prior is the proposal. Its weights vary a lot (relative variance ≈ 4 at
     # x = −2.5, where one component in five explains the point): standard error ≈ 0.015 at S = 20000.
     assert abs(ev.log_px - log_px.numpy()).max() < 0.06
@@ -566,5 +582,30 @@ def test_a_later_batch_that_does_not_broadcast_is_scored_one_particle_at_a_time(
         model(x)
 
     ev = ppvae.evaluate(picky_model, x.double(), guide=guide, num_samples=4, batch_size=5)
-    assert ev.particles == "sequential (from datapoint 10: RuntimeError)"
+    # The last batch's own trial finds it (a batch of another size is trialled again before it is scored).
+    assert ev.particles.startswith("sequential (from datapoint 10: with 2 particles at once it raised RuntimeError")
     torch.testing.assert_close(torch.as_tensor(ev.elbo), gen.log_px(x).double(), atol=1e-6, rtol=0)
+
+
+def test_a_batch_of_another_size_is_trialled_again_before_its_particles_are_drawn_together():
+    """A pair that broadcasts over particles at an even batch size and mixes them at an odd one (code that reads
+    the batch size): the first batch's trial alone would score the last, shorter batch wrongly without an error.
+    The guide is the exact posterior, so every correct log-weight is log p(x) exactly: x ~ N(0, 2)."""
+
+    def model(x):
+        n = x.shape[0]
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            loc = z.flip(0) if n % 2 and z.dim() > 1 else z  # odd batches: particles swapped
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
+
+    x = torch.linspace(-2.0, 2.0, 7)
+    ev = ppvae.evaluate(model, x, guide=guide, num_samples=50, batch_size=4)
+    assert ev.particles.startswith("sequential (from datapoint 4: particle"), ev.particles
+    exact = dist.Normal(0.0, 2.0**0.5).log_prob(x).double()
+    torch.testing.assert_close(torch.from_numpy(ev.log_px), exact, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(ev.elbo), exact, atol=1e-4, rtol=0)

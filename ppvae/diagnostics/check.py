@@ -160,6 +160,18 @@ def _check_scoring(model: Any, guide: Any, batch: Any, data_plate: str, say: Cal
                 "evaluate and diagnose score it one particle at a time, the same estimator in S passes",
             )
         )
+    if ev.enumerated is not None:
+        summed = ev.summed
+        say(
+            Finding(
+                "enumerated-summed" if summed else "enumerated-sampled",
+                "good" if summed else "note",
+                f"enumerated sites {ev.enumerated.removeprefix('summed: ')}: scoring sums over their values exactly"
+                if summed
+                else f"sites marked for enumeration are {ev.enumerated}: scoring draws them (an unbiased estimate, "
+                "noisier than the exact sum); make the pair run under poutine.enum to have them summed",
+            )
+        )
     return True
 
 

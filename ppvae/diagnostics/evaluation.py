@@ -7,7 +7,9 @@ Everything comes from one array, the importance log-weights (see :mod:`ppvae.inf
     log p̂_i  = logsumexp_s lw[i, s] − log S                     (IWAE_S bound; Burda et al. 2015)
     gap_i    = log p̂_i − ELBO_i ≈ KL(q(z | x_i) ‖ p(z | x_i))
 
-computed in chunks over data and particles so memory stays bounded whatever N and S are.
+computed in chunks over data and particles so memory stays bounded whatever N and S are. Discrete sites a pair
+marks for enumeration are summed over exactly in both (:mod:`ppvae.infer.enumerated`): the ELBO is then
+``TraceEnum_ELBO``'s per datapoint, not the mean of the log-weights, where the guide enumerates.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ from ppvae.data import as_tensor
 from ppvae.data.batches import make_batches
 from ppvae.errors import ConfigError, DataError, PPVAEError
 from ppvae.infer.eval_mode import scoring_mode
-from ppvae.infer.logweights import log_weights, particles_broadcast, plate_nesting
-from ppvae.infer.observed import observed_discrete
+from ppvae.infer.logweights import log_weights, particles_broadcast, plate_nesting, scoring_trial
 from ppvae.infer.pair import is_builtin_vae, resolve_device, resolve_pair
 
 __all__ = ["Evaluation", "evaluate", "iter_log_weights"]
@@ -51,7 +52,7 @@ class Evaluation:
     """Per-datapoint results of :func:`evaluate` (numpy float64, nats unless said otherwise).
 
     Attributes:
-        elbo: ``(N,)`` ELBO per datapoint (mean of the log-weights).
+        elbo: ``(N,)`` ELBO per datapoint (mean of the log-weights; TraceEnum_ELBO's where sites are enumerated).
         log_px: ``(N,)`` IWAE estimate of log p(x) with ``num_samples`` samples.
         reconstruction, kl: ``(N,)`` E_q log p(x | z) and E_q[log q(z|x) − log p(z)] (a ppvae.VAE only; else None).
         log_weights: ``(N, S)`` float32, kept when asked (``keep_log_weights=True``).
@@ -59,6 +60,8 @@ class Evaluation:
         discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
         particles: how the particles were drawn: ``"vectorized"`` (all in one pass) or ``"sequential (why)"``
             (one at a time, for a pair that does not broadcast over a leading particle dim).
+        enumerated: how sites marked for enumeration were scored: ``"summed: y, ..."`` (exactly, the ELBO then
+            TraceEnum_ELBO's), ``"sampled (why)"``, or None when the pair marks none.
     """
 
     elbo: np.ndarray
@@ -71,6 +74,12 @@ class Evaluation:
     log_weights: np.ndarray | None = field(default=None, repr=False)
     split: str | None = None
     particles: str | None = None
+    enumerated: str | None = None
+
+    @property
+    def summed(self) -> bool:
+        """Whether discrete sites marked for enumeration were summed over exactly."""
+        return bool(self.enumerated and self.enumerated.startswith("summed"))
 
     @property
     def inference_gap(self) -> np.ndarray:
@@ -107,9 +116,11 @@ class Evaluation:
         return {
             "num_samples": self.num_samples,
             "split": self.split or "",
-            "estimator": f"elbo: mean of {self.num_samples} log-weights; log_px: IWAE_{self.num_samples}",
+            "estimator": f"elbo: mean of {self.num_samples} log-weights; log_px: IWAE_{self.num_samples}"
+            + ("; enumerated sites summed exactly (elbo: TraceEnum_ELBO's)" if self.summed else ""),
             "units": "nats; bits_per_dim in bits per dimension",
             "particles": self.particles or "",
+            "enumerated": self.enumerated or "",
         }
 
     def to_inference_data(self) -> Any:
@@ -176,7 +187,10 @@ def iter_log_weights(
     in one pass (True), one at a time (False), or (None) in one pass when a trial on the first batch shows the
     pair broadcasts over a leading particle dim correctly (:func:`ppvae.infer.logweights.particles_broadcast`).
     """
-    yield from _iter_log_weights(model, data, guide, num_samples, batch_size, data_plate, device, vectorize, {})
+    for rows, lw, log_lik, kl, _ in _iter_log_weights(
+        model, data, guide, num_samples, batch_size, data_plate, device, vectorize, {}
+    ):
+        yield rows, lw, log_lik, kl
 
 
 def _iter_log_weights(
@@ -189,8 +203,10 @@ def _iter_log_weights(
     device: str | torch.device | None,
     vectorize: bool | None,
     info: dict[str, Any],
-) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None]]:
-    """:func:`iter_log_weights`, recording in ``info["particles"]`` how particles were drawn."""
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor | None, Tensor | None]]:
+    """:func:`iter_log_weights` with a fifth part, the ELBO's terms ``(B, S_chunk)`` where they are not ``lw``
+    (enumerated guide sites; else None), recording in ``info`` how particles were drawn (``"particles"``), how
+    enumerated sites were scored (``"enumerated"``) and whether the observed sites are discrete (``"discrete"``)."""
     num_samples = check("num_samples", num_samples, COUNT)
     batch_size = 256 if batch_size is None else check("batch_size", batch_size, COUNT)
     if vectorize is not None and not isinstance(vectorize, (bool, np.bool_)):
@@ -209,6 +225,8 @@ def _iter_log_weights(
     _check_memory(min(batch_size, batches.n or batch_size), num_samples, 3 if fast else 1)
     out_size = max(1, getattr(getattr(owner, "likelihood", None), "num_params", 1)) * _data_dim(batches.first()[0])
     nesting = None
+    enumerate_sites = False
+    trialled: set[int] = set()
     start = 0
     decided_by_trial = vectorize is None
     roots = (owner,) if fast else (owner, model_fn, guide_fn)
@@ -223,18 +241,29 @@ def _iter_log_weights(
             rows = slice(start, start + n)
             # One buffer per block, allocated before its chunks: small per-chunk results kept alive between the
             # chunks' large temporaries fragmented the heap (1.6 GiB resident after 768 images at S = 2000).
-            out = torch.empty(3 if fast else 1, n, num_samples)
+            if not fast and nesting is None:
+                nesting = plate_nesting(model_fn, guide_fn, *batch)
+                enumerate_sites = _enumeration(model_fn, guide_fn, batch, data_plate, nesting, info)
+                vectorize = _decide(vectorize, model_fn, guide_fn, batch, data_plate, nesting, info, enumerate_sites)
+                trialled = {n}
+            elif not fast and decided_by_trial and vectorize and n not in trialled:
+                # A batch of another size (the last, shorter one): a pair may broadcast at one size and not at another
+                # (code that reads the batch size), so the trial is run again before its particles are drawn together.
+                trialled.add(n)
+                seen = dict(info)
+                if not _decide(None, model_fn, guide_fn, batch, data_plate, nesting, seen, enumerate_sites):
+                    vectorize = False
+                    why = seen["particles"].removeprefix("sequential (").removesuffix(")")
+                    info["particles"] = f"sequential (from datapoint {start}: {why})"
+            out = torch.empty(3 if fast else 1 + enumerate_sites, n, num_samples)
             if fast:  # the guide and prior distributions do not depend on the particles: build them once
                 q, prior = owner.encode(batch[0]), owner.prior()
-            elif nesting is None:
-                nesting = plate_nesting(model_fn, guide_fn, *batch)
-                vectorize = _decide(vectorize, model_fn, guide_fn, batch, data_plate, nesting, info)
             for s0 in range(0, num_samples, chunk):
                 cols = slice(s0, min(num_samples, s0 + chunk))
                 if fast:
                     for buffer, value in zip(out, _vae_chunk(owner, q, prior, batch[0], cols.stop - s0), strict=True):
                         buffer[:, cols] = value
-                    yield rows, out[0, :, cols], out[1, :, cols], out[2, :, cols]
+                    yield rows, out[0, :, cols], out[1, :, cols], out[2, :, cols], None
                     continue
                 weigh = functools.partial(
                     log_weights,
@@ -244,28 +273,54 @@ def _iter_log_weights(
                     num_samples=cols.stop - s0,
                     data_plate=data_plate,
                     max_plate_nesting=nesting,
+                    enumerate=enumerate_sites,
+                    with_elbo=True,
                 )
                 try:
-                    out[0, :, cols] = weigh(vectorize=vectorize)
+                    lw, elbo = weigh(vectorize=vectorize)
                 except Exception as err:
                     if not (vectorize and decided_by_trial) or isinstance(err, PPVAEError):
                         raise
                     # The trial's batch broadcast, this one does not (a last, shorter batch): one at a time from here.
                     vectorize = False
                     info["particles"] = f"sequential (from datapoint {start}: {type(err).__name__})"
-                    out[0, :, cols] = weigh(vectorize=False)
-                yield rows, out[0, :, cols], None, None
+                    lw, elbo = weigh(vectorize=False)
+                out[0, :, cols] = lw
+                if enumerate_sites:
+                    out[1, :, cols] = elbo
+                yield rows, out[0, :, cols], None, None, out[1, :, cols] if enumerate_sites else None
             start += n
     info.setdefault("particles", "vectorized" if fast else None)
 
 
+def _enumeration(model: Callable, guide: Callable, batch: tuple, data_plate: str, nesting: int, info: dict) -> bool:
+    """Whether sites the pair marks for enumeration are summed (recorded in ``info``, with the data's kind)."""
+    with fork_rngs():  # the trial's draws leave the evaluation's own draws as they were without it
+        trial = scoring_trial(model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting)
+    info["discrete"] = trial.discrete
+    if trial.enumerated:
+        info["enumerated"] = f"summed: {', '.join(trial.enumerated)}"
+    elif trial.sampled_because:
+        info["enumerated"] = f"sampled ({trial.sampled_because})"
+    return bool(trial.enumerated)
+
+
 def _decide(
-    vectorize: bool | None, model: Callable, guide: Callable, batch: tuple, data_plate: str, nesting: int, info: dict
+    vectorize: bool | None,
+    model: Callable,
+    guide: Callable,
+    batch: tuple,
+    data_plate: str,
+    nesting: int,
+    info: dict,
+    enumerate_sites: bool = False,
 ) -> bool:
     """``vectorize`` as given, or (None) whether a trial on ``batch`` shows the pair broadcasts over particles."""
     if vectorize is None:
         with fork_rngs():  # the trial's draws leave the evaluation's own draws as they were without it
-            reason = particles_broadcast(model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting)
+            reason = particles_broadcast(
+                model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting, enumerate=enumerate_sites
+            )
         info["particles"] = "vectorized" if reason is None else f"sequential ({reason})"
         return reason is None
     info["particles"] = "vectorized" if vectorize else "sequential (asked for)"
@@ -389,9 +444,9 @@ def evaluate(
         # sums and log-sum-exps are combined: no (B, S) float64 copy per block (its allocations, 10 MB at B = 256,
         # S = 5000, slowly fragmented the heap over a full test set).
         for _, group in itertools.groupby(chunks, key=lambda chunk: (chunk[0].start, chunk[0].stop)):
-            _, lws, log_liks, kls = zip(*group, strict=True)
+            _, lws, log_liks, kls, elbos = zip(*group, strict=True)
             out = {
-                "elbo": _mean_over_chunks(lws, num_samples),
+                "elbo": _mean_over_chunks(lws if elbos[0] is None else elbos, num_samples),
                 "log_px": torch.stack([lw.double().logsumexp(1) for lw in lws], 1).logsumexp(1) - math.log(num_samples),
             }
             if log_liks[0] is not None:
@@ -405,7 +460,7 @@ def evaluate(
     owner = model if isinstance(model, torch.nn.Module) else None
     if discrete is None:
         known = getattr(likelihood, "discrete", None)
-        discrete = known if isinstance(known, bool) else _observed_discrete(model, data, guide, device)
+        discrete = known if isinstance(known, bool) else info.get("discrete")
     shape = getattr(owner, "data_shape", None)
     data_dim = int(np.prod(shape)) if shape is not None else _first_dim(data)
     return Evaluation(
@@ -419,18 +474,8 @@ def evaluate(
         log_weights=joined.get("log_weights"),
         split=split,
         particles=info.get("particles"),
+        enumerated=info.get("enumerated"),
     )
-
-
-def _observed_discrete(model: Any, data: Any, guide: Callable | None, device: Any) -> bool | None:
-    """Whether a pair's observed sites have discrete supports (its log p̂ is then a probability of the data), from
-    one run of the pair on the first two datapoints in its own parameter store; None when it does not say."""
-    model_fn, guide_fn, owner = resolve_pair(model, guide)
-    first = make_batches(_as_data(data, owner), 2, resolve_device(device), shuffle=False, what="data").first()
-    store = model_store(model_fn, guide_fn, owner, exercise=lambda: _run_once(model_fn, guide_fn, first))
-    # Eval mode with every module's buffers restored: reading the supports must not move BatchNorm statistics.
-    with scoring_mode(owner, model_fn, guide_fn), local_module_params() if owner is not None else nullcontext(), store:
-        return observed_discrete(model_fn, guide_fn, *first)
 
 
 def _mean_over_chunks(chunks: tuple[Tensor, ...], num_samples: int) -> Tensor:

@@ -39,6 +39,7 @@ import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -46,13 +47,16 @@ import torch
 from pyro import poutine
 from pyro.distributions import Unit
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ppvae.errors import ConfigError
+from ppvae.errors import ConfigError, PPVAEError
+from ppvae.infer.enumerated import enumerable, enumerated_scores, is_enumerated
+from ppvae.infer.observed import discrete_support
 
-__all__ = ["log_weights", "plate_nesting", "particles_broadcast"]
+__all__ = ["log_weights", "plate_nesting", "particles_broadcast", "scoring_trial", "ScoringTrial"]
 
 _PARTICLES = "_ppvae_particles"
 
@@ -86,8 +90,10 @@ def log_weights(
     max_plate_nesting: int | None = None,
     vectorize: bool = True,
     scaled: bool = False,
+    enumerate: bool = False,
+    with_elbo: bool = False,
     **kwargs: Any,
-) -> Tensor:
+) -> Any:
     """Importance log-weights ``(N, S)`` in nats, differentiable w.r.t. model and guide parameters.
 
     Args:
@@ -99,6 +105,12 @@ def log_weights(
             :func:`particles_broadcast`), or one at a time in S passes (any pair).
         scaled: weigh each site by its scale as Pyro's ELBOs do (training objectives); False (scoring) uses the
             model's own densities (see the module's notes).
+        enumerate: sum exactly over the values of discrete sites marked ``infer={"enumerate": "parallel"}``
+            (:mod:`ppvae.infer.enumerated`; scoring only: not with ``scaled``) instead of sampling them. Not
+            differentiable.
+        with_elbo: return ``(lw, elbo)``, both ``(N, S)``: ``elbo[i, s]`` is particle s's term of the pair's ELBO,
+            which is ``lw`` except where a guide site is enumerated (the ELBO then averages under q's
+            probabilities of its values, as ``TraceEnum_ELBO`` does, while ``lw`` sums over them).
 
     Raises:
         ConfigError: a pair whose weights would mean nothing: no observed site, a site outside the data plate, a
@@ -106,25 +118,28 @@ def log_weights(
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples must be a whole number ≥ 1 (particles per datapoint), got {num_samples!r}")
+    if enumerate and scaled:
+        raise ConfigError("enumerate=True scores the model's own densities; it cannot be combined with scaled=True")
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
     if vectorize:
-        traces = _run(model, guide, args, kwargs, num_samples, max_plate_nesting)
-        total = _weights(*traces, data_plate, max_plate_nesting, num_samples, scaled)
+        traces = _run(model, guide, args, kwargs, num_samples, max_plate_nesting, enumerate=enumerate)
+        lw, elbo = _weights(*traces, data_plate, max_plate_nesting, num_samples, scaled)
     else:
-        total = torch.cat(
-            [
-                _weights(
-                    *_run(model, guide, args, kwargs, None, max_plate_nesting),
-                    data_plate,
-                    max_plate_nesting,
-                    None,
-                    scaled,
-                )
-                for _ in range(num_samples)
-            ]
-        )
-    return total.transpose(0, 1)
+        parts = [
+            _weights(
+                *_run(model, guide, args, kwargs, None, max_plate_nesting, enumerate=enumerate),
+                data_plate,
+                max_plate_nesting,
+                None,
+                scaled,
+            )
+            for _ in range(num_samples)
+        ]
+        lw, elbo = (torch.cat([p[k] for p in parts]) for k in (0, 1))
+    if with_elbo:
+        return lw.transpose(0, 1), elbo.transpose(0, 1)
+    return lw.transpose(0, 1)
 
 
 def particles_broadcast(
@@ -134,6 +149,7 @@ def particles_broadcast(
     data_plate: str = "data",
     max_plate_nesting: int | None = None,
     num_particles: int = 2,
+    enumerate: bool = False,
     **kwargs: Any,
 ) -> str | None:
     """Whether vectorized particles give this pair's log-weights: None if they do, else the reason they do not.
@@ -142,13 +158,15 @@ def particles_broadcast(
     replayed into a run without the particle plate) and compares. A pair that raises with the extra dim, or that
     broadcasts without raising but wrongly (a reshape that mixes particles into datapoints, a sum over dim 0) is
     caught by the comparison: it would otherwise be a silently wrong number. Draws from the global RNGs.
+    ``enumerate``: try the enumerated scoring of :func:`log_weights` (enumerated values are summed again in each
+    particle's run alone, not replayed).
     """
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
     k = num_particles
     try:
-        model_trace, guide_trace = _run(model, guide, args, kwargs, k, max_plate_nesting)
-        together = _weights(model_trace, guide_trace, data_plate, max_plate_nesting, k, False)
+        model_trace, guide_trace = _run(model, guide, args, kwargs, k, max_plate_nesting, enumerate=enumerate)
+        together = _weights(model_trace, guide_trace, data_plate, max_plate_nesting, k, False)[0]
     except Exception as err:  # noqa: BLE001 - any failure with the extra dim means: score particles one by one
         return f"with {k} particles at once it raised {type(err).__name__}: {_first_line(err)}"
     for j in range(k):
@@ -156,18 +174,72 @@ def particles_broadcast(
         if isinstance(fixed, str):
             return fixed
         alone = _weights(
-            *_run(model, guide, args, kwargs, None, max_plate_nesting, fixed),
+            *_run(model, guide, args, kwargs, None, max_plate_nesting, fixed, enumerate=enumerate),
             data_plate,
             max_plate_nesting,
             None,
             False,
-        )
+        )[0]
         if alone.shape != together[j : j + 1].shape:
             return f"particle {j} scored alone has shape {tuple(alone.shape)}, not {tuple(together[j : j + 1].shape)}"
         if not torch.allclose(alone.double(), together[j : j + 1].double(), rtol=_RTOL, atol=_ATOL, equal_nan=True):
             gap = (alone.double() - together[j : j + 1].double()).abs().nan_to_num(0.0).max().item()
             return f"particle {j} scored alone differs from the same draws scored together by up to {gap:.3g} nats"
     return None
+
+
+@dataclass(frozen=True)
+class ScoringTrial:
+    """What one run of a pair on a batch says about scoring it.
+
+    Attributes:
+        enumerated: the sites summed over exactly (marked ``infer={"enumerate": "parallel"}``), in trace order.
+        sampled_because: why marked sites are drawn instead (an unbiased importance sample), or None.
+        discrete: whether the observed sites have discrete supports (:func:`ppvae.infer.observed.discrete_support`).
+    """
+
+    enumerated: tuple[str, ...]
+    sampled_because: str | None
+    discrete: bool | None
+
+
+def scoring_trial(
+    model: Callable, guide: Callable, *args: Any, data_plate: str = "data", max_plate_nesting: int, **kwargs: Any
+) -> ScoringTrial:
+    """Run the pair once under enumeration and score it, to decide how to score it (draws from the global RNGs).
+
+    Raises:
+        ConfigError: the pair's log-weights would mean nothing (see :func:`log_weights`).
+    """
+    reason = None
+    try:
+        model_trace, guide_trace = _run(model, guide, args, kwargs, None, max_plate_nesting, enumerate=True)
+    except PPVAEError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a pair that cannot run enumerated is sampled, and told why
+        reason = f"running it enumerated raised {type(err).__name__}: {_first_line(err)}"
+        model_trace, guide_trace = _run(model, guide, args, kwargs, None, max_plate_nesting)
+    discrete = discrete_support(model_trace)
+    marked = (
+        n
+        for tr in (guide_trace, model_trace)
+        for n, s in _sample_sites(tr).items()
+        if is_enumerated(s) or s["infer"].get("enumerate") in ("parallel", "sequential")
+    )
+    names = tuple(dict.fromkeys(marked))
+    if not names:
+        return ScoringTrial((), None, discrete)
+    reason = reason or enumerable(model_trace, guide_trace)
+    if reason is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the scoring run itself gives the pair's warnings
+                _weights(model_trace, guide_trace, data_plate, max_plate_nesting, None, False)
+        except PPVAEError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a pair that cannot be enumerated is sampled, and told why
+            reason = f"summing over them raised {type(err).__name__}: {_first_line(err)}"
+    return ScoringTrial(names if reason is None else (), reason, discrete)
 
 
 def _run(
@@ -178,18 +250,35 @@ def _run(
     particles: int | None,
     nesting: int,
     fixed: Trace | None = None,
+    enumerate: bool = False,
 ) -> tuple[Trace, Trace]:
     """Guide then model (replayed on the guide's draws), under a particle plate of ``particles`` or without one.
 
-    ``fixed``: latent values to replay in both (one particle of an earlier vectorized run).
+    ``fixed``: latent values to replay in both (one particle of an earlier vectorized run). ``enumerate``: run
+    both under ``poutine.enum`` (dims left of the particle plate; the model's continue after the guide's, as in
+    ``TraceEnum_ELBO``).
     """
     plate = pyro.plate(_PARTICLES, particles, dim=-nesting - 1) if particles is not None else nullcontext()
+    guide_fn = guide if fixed is None else poutine.replay(guide, trace=fixed)
+    model_fn = model
+    if enumerate:
+        guide_fn = poutine.enum(guide_fn, first_available_dim=-nesting - 1 - (particles is not None))
+        model_fn = EnumMessenger()(model)  # no first dim: it allocates after the guide's enumerated dims
     with plate:
-        guide_fn = guide if fixed is None else poutine.replay(guide, trace=fixed)
         guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model, trace=guide_trace if fixed is None else fixed)
+        source = guide_trace if fixed is None else _with_enumerated(fixed, guide_trace)
+        replayed = poutine.replay(model_fn, trace=source)
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def _with_enumerated(fixed: Trace, guide_trace: Trace) -> Trace:
+    """``fixed`` plus the values the guide enumerated in this run (the model must see them, not draw its own)."""
+    out = fixed.copy()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and is_enumerated(site) and name not in out.nodes:
+            out.add_node(name, **site)
+    return out
 
 
 def _one_particle(model_trace: Trace, guide_trace: Trace, j: int, k: int, particle_dim: int) -> Trace | str:
@@ -197,8 +286,8 @@ def _one_particle(model_trace: Trace, guide_trace: Trace, j: int, k: int, partic
     out = Trace()
     for trace in (guide_trace, model_trace):
         for name, site in _sample_sites(trace).items():
-            if site["is_observed"] or _is_deterministic(site) or name in out.nodes:
-                continue
+            if site["is_observed"] or _is_deterministic(site) or name in out.nodes or is_enumerated(site):
+                continue  # an enumerated site is enumerated again in the particle's own run
             value, batch = site["value"], len(site["fn"].batch_shape)
             axis = batch + particle_dim
             if axis < 0 or value.dim() <= axis or value.shape[axis] != k:
@@ -209,21 +298,23 @@ def _one_particle(model_trace: Trace, guide_trace: Trace, j: int, k: int, partic
 
 def _weights(
     model_trace: Trace, guide_trace: Trace, data_plate: str, nesting: int, particles: int | None, scaled: bool
-) -> Tensor:
-    """``(P, N)`` log p − log q per particle and datapoint (P = ``particles``, or 1 without a particle plate)."""
+) -> tuple[Tensor, Tensor]:
+    """``(lw, elbo)``, each ``(P, N)``: log p − log q per particle and datapoint, and the ELBO's terms (the same
+    tensor unless a site is enumerated; P = ``particles``, or 1 without a particle plate)."""
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     for trace in (model_trace, guide_trace):
         trace.compute_log_prob(lambda _name, site: not _is_deterministic(site))
-    total: Tensor | int = 0
+    model_terms: list[tuple[str, dict]] = []
     observes = False
     rescaled: list[str] = []
     for name, site in model_sites.items():
         if _is_deterministic(site):
             continue
-        if not site["is_observed"] and (name not in guide_sites or guide_sites[name]["is_observed"]):
+        own = not site["is_observed"] and (name not in guide_sites or guide_sites[name]["is_observed"])
+        if own and not is_enumerated(site):
             continue  # drawn from the model's own conditional: its own proposal, a ratio of 1
         observes = observes or site["is_observed"]
-        total = total + _per_datapoint(site, name, data_plate, nesting, particles, scaled, rescaled)
+        model_terms.append((name, site))
     if not observes:
         latents = sorted(n for n, s in model_sites.items() if not s["is_observed"])
         raise ConfigError(
@@ -233,6 +324,7 @@ def _weights(
             "score it on the same inputs"
         )
     left_out: list[str] = []
+    guide_terms: list[tuple[str, dict]] = []
     for name, site in guide_sites.items():
         if _is_deterministic(site):
             continue
@@ -240,7 +332,11 @@ def _weights(
             left_out.append(name)
             continue
         _check_guide_latent(name, site, model_sites)
-        total = total - _per_datapoint(site, name, data_plate, nesting, particles, scaled, rescaled)
+        guide_terms.append((name, site))
+    for name, site in [*model_terms, *guide_terms]:
+        _check_in_plate(site, name, data_plate)
+        if not scaled and _user_scale(site):
+            rescaled.append(f"{name!r} (scale {_describe(site['scale'])})")
     if left_out:
         warnings.warn(
             f"the guide's site(s) {', '.join(map(repr, left_out))} observe a value or add a pyro.factor: they are "
@@ -253,8 +349,24 @@ def _weights(
             "own densities, so each site's unscaled log-probability is used",
             stacklevel=4,
         )
+    if any(is_enumerated(site) for _, site in [*model_terms, *guide_terms]):
+        size = {f.name: f.size for _, site in model_terms for f in site["cond_indep_stack"]}[data_plate]
+        return enumerated_scores(
+            model_trace,
+            guide_trace,
+            model_terms,
+            guide_terms,
+            data_plate,
+            _PARTICLES if particles is not None else None,
+            (particles or 1, size),
+        )
+    total: Tensor | int = 0
+    for name, site in model_terms:
+        total = total + _per_datapoint(site, name, data_plate, nesting, particles, scaled)
+    for name, site in guide_terms:
+        total = total - _per_datapoint(site, name, data_plate, nesting, particles, scaled)
     assert torch.is_tensor(total)  # the model observes something, so some site was counted
-    return total
+    return total, total
 
 
 def _check_guide_latent(name: str, site: dict, model_sites: dict[str, dict]) -> None:
@@ -275,19 +387,15 @@ def _check_guide_latent(name: str, site: dict, model_sites: dict[str, dict]) -> 
     )
 
 
-def _per_datapoint(
-    site: dict, name: str, data_plate: str, nesting: int, particles: int | None, scaled: bool, rescaled: list[str]
-) -> Tensor:
+def _check_in_plate(site: dict, name: str, data_plate: str) -> None:
+    if data_plate not in {f.name for f in site["cond_indep_stack"]}:
+        raise ConfigError(_outside_plate(site, name, data_plate))
+
+
+def _per_datapoint(site: dict, name: str, data_plate: str, nesting: int, particles: int | None, scaled: bool) -> Tensor:
     """Sum a site's log-density over every dim but (particles, data) → ``(P, N)``."""
     frames = {f.name: f for f in site["cond_indep_stack"]}
-    if data_plate not in frames:
-        raise ConfigError(_outside_plate(site, name, data_plate))
-    if scaled:
-        lp = site["log_prob"]
-    else:
-        lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-        if _user_scale(site):
-            rescaled.append(f"{name!r} (scale {_describe(site['scale'])})")
+    lp = site["log_prob"] if scaled else scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
     n = nesting + (particles is not None)
     lp = lp.reshape((1,) * max(0, n - lp.dim()) + tuple(lp.shape))  # broadcast dims Pyro left out
     if particles is not None and lp.dim() > n:

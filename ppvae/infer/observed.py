@@ -17,7 +17,7 @@ from pyro import poutine
 
 from ppvae._rng import fork_rngs
 
-__all__ = ["observed_sites", "observed_discrete"]
+__all__ = ["observed_sites", "observed_discrete", "discrete_support"]
 
 
 def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
@@ -29,6 +29,21 @@ def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) 
     with torch.no_grad(), poutine.block(), fork_rngs():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return _observed(model_trace)
+
+
+def observed_discrete(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> bool | None:
+    """True when every observed site has a discrete support (the log-weights are log-probabilities of the data),
+    False when every one is continuous (densities), None when there are none or they are mixed."""
+    return _kind(observed_sites(model, guide, *args, **kwargs))
+
+
+def discrete_support(model_trace: Any) -> bool | None:
+    """:func:`observed_discrete` read from a model trace already made (no run of the pair)."""
+    return _kind(_observed(model_trace))
+
+
+def _observed(model_trace: Any) -> dict[str, dict]:
     return {
         name: site
         for name, site in model_trace.nodes.items()
@@ -36,10 +51,8 @@ def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) 
     }
 
 
-def observed_discrete(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> bool | None:
-    """True when every observed site has a discrete support (the log-weights are log-probabilities of the data),
-    False when every one is continuous (densities), None when there are none or they are mixed."""
-    kinds = {bool(site["fn"].support.is_discrete) for site in observed_sites(model, guide, *args, **kwargs).values()}
+def _kind(sites: dict[str, dict]) -> bool | None:
+    kinds = {bool(site["fn"].support.is_discrete) for site in sites.values()}
     return kinds.pop() if len(kinds) == 1 else None
 
 
