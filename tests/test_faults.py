@@ -513,3 +513,25 @@ def test_no_reader_unpickles_objects(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "x.npy"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     assert "pickle" in capsys.readouterr().err
     assert not marker.exists()
+def test_the_step_check_is_exact_about_gradients_huge_finite_ones_are_not_a_fault():
+    """fit's per-step check sums the gradients (cheap); a sum that overflows is looked at entry by entry, so huge
+    but finite gradients (Adam's to scale) are not skipped as faults, and a NaN or Inf entry always is."""
+    from ppvae.infer.train import _all_finite, _grad_sum
+
+    def params(*values):
+        out = []
+        for v in values:
+            p = torch.zeros(len(v), requires_grad=True)
+            p.grad = torch.tensor(v)
+            out.append(p)
+        return out
+
+    loss = torch.tensor(1.0)
+    huge = params([3e38, 3e38], [3e38])
+    assert not torch.isfinite(_grad_sum(huge))  # the sum overflows ...
+    assert _all_finite(loss, _grad_sum(huge), huge)  # ... the entries do not
+    for bad in ([1.0, float("nan")], [float("inf"), 1.0], [float("inf"), -float("inf")]):
+        ps = params([0.5], bad)
+        assert not _all_finite(loss, _grad_sum(ps), ps)
+    assert not _all_finite(torch.tensor(float("nan")), _grad_sum(params([1.0])), params([1.0]))
+    assert _all_finite(loss, None, [])

@@ -621,8 +621,8 @@ class Trainer:
                 f"out of memory at epoch {stats.index + 1}, batch {step + 1} on {self.device} "
                 f"({describe_out_of_memory(err)}); {self.memory_advice(n)}"
             ) from err
-        grad_max = None if loss is None else _grad_max(self._trainable)
-        if loss is None or not _all_finite(loss, grad_max):
+        grad_sum = None if loss is None else _grad_sum(self._trainable)
+        if loss is None or not _all_finite(loss, grad_sum, self._trainable):
             model_fn, guide_fn = stream.pair
             fault = Fault(
                 stats.index + 1, step + 1, stats.batches, loss, invalid,
@@ -658,6 +658,19 @@ def _resume(ckpt_dir: Path, state: TrainState, owner: Any) -> int:
     return 0
 
 
+def _grad_sum(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Sum of every gradient entry: NaN or infinite if any entry is (or, rarely, if a huge finite sum overflows:
+    :func:`_all_finite` then looks at the entries). None without gradients.
+
+    A sum is the cheapest reduction that no non-finite entry can survive: 0.09 ms per step for the 784-400-50 VAE
+    against 1.9 ms for the largest absolute entry (``torch._foreach_norm(grads, inf)``), 20% of a training step.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack([g.sum() for g in grads]).sum()
+
+
 def _grad_max(params: list[torch.Tensor]) -> torch.Tensor | None:
     """Largest absolute gradient entry (NaN/Inf if any entry is) in one fused kernel; None without gradients.
 
@@ -669,10 +682,14 @@ def _grad_max(params: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(torch._foreach_norm(grads, math.inf)).max()
 
 
-def _all_finite(loss: torch.Tensor, grad_max: torch.Tensor | None) -> bool:
-    """One device sync for the loss and the gradients together."""
-    if grad_max is None:
+def _all_finite(loss: torch.Tensor, grad_sum: torch.Tensor | None, params: list[torch.Tensor]) -> bool:
+    """One device sync for the loss and the gradients together (a second, exact look only when the sum is not
+    finite: a sum of finite entries can overflow, and huge finite gradients are Adam's to scale, not a fault)."""
+    if grad_sum is None:
         return bool(torch.isfinite(loss))
+    if bool(torch.isfinite(loss) & torch.isfinite(grad_sum)):
+        return True
+    grad_max = _grad_max(params)
     return bool(torch.isfinite(loss) & torch.isfinite(grad_max))
 
 
