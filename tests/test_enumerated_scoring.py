@@ -156,3 +156,31 @@ def test_evaluate_sums_enumerated_labels_and_reports_pyros_elbo():
     ev = ppvae.evaluate(model_m2, X, guide=guide_m2, num_samples=5000, seed=0)
     assert ev.log_px.tolist() == pytest.approx(exact_log_px(X).tolist(), abs=0.02)
     assert ev.particles == "vectorized"
+
+
+def _pixel_mixture(mask):
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", x.shape[1], dim=-1):
+            with pyro.poutine.mask(mask=mask):
+                y = pyro.sample("y", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(2.0 * y, 1.0), obs=x)
+
+    return model
+
+
+def test_an_enumerated_latent_per_pixel_is_summed_per_pixel_and_a_mask_leaves_pixels_out():
+    """y enumerated inside a pixel plate nested in the data plate: log p(x_n) = Σ_d log Σ_y p(y) p(x_nd | y). A
+    masked pixel contributes nothing (its y's probabilities still sum to 1, as in TraceEnum_ELBO; masking them to
+    0 for each value would have added log 2 per masked pixel)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    per_pixel = torch.stack(
+        [math.log(0.7) + dist.Normal(0.0, 1.0).log_prob(x), math.log(0.3) + dist.Normal(2.0, 1.0).log_prob(x)]
+    ).logsumexp(0)
+    for mask, kept in ((torch.ones(4, dtype=torch.bool), slice(None)), (torch.arange(4) > 0, slice(1, None))):
+        lw, elbo = log_weights(_pixel_mixture(mask), hmm_guide, x, num_samples=2, enumerate=True, with_elbo=True)
+        expected = per_pixel[:, kept].sum(-1, keepdim=True).expand(3, 2)
+        torch.testing.assert_close(lw, expected)
+        torch.testing.assert_close(elbo, expected)  # no continuous latent: the ELBO is log p(x)
+        loss = TraceEnum_ELBO(max_plate_nesting=2).loss(_pixel_mixture(mask), hmm_guide, x)
+        assert -loss == pytest.approx(expected[:, 0].sum().item(), rel=1e-5)

@@ -114,8 +114,8 @@ def enumerated_scores(
     # Log-weights: every term in one tree, every enumerated dim summed out (log-sum-exp), plates other than the
     # particles' and the data's multiplied out (summed in log space).
     tree: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
-    for where, term, _ in model_side:
-        tree.setdefault(where, []).append(term)
+    for where, term, site in model_side:
+        tree.setdefault(where, []).append(_summed(site, term, dtype))
     for where, term, site in guide_side:
         if not is_enumerated(site):  # an enumerated q(y|x) is no proposal here: every value of y is taken
             tree.setdefault(where, []).append(packed.neg(term))
@@ -130,8 +130,11 @@ def enumerated_scores(
     model_only = {d for _, term, _ in model_side for d in term._pyro_dims} - plate_symbols - guide_dims
     costs: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
     factors: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
-    for where, term, _ in model_side:
-        (factors if model_only.intersection(term._pyro_dims) else costs).setdefault(where, []).append(term)
+    for where, term, site in model_side:
+        if model_only.intersection(term._pyro_dims):
+            factors.setdefault(where, []).append(_summed(site, term, dtype))
+        else:
+            costs.setdefault(where, []).append(term)
     if factors:
         for t, terms in contract_tensor_tree(factors, model_only).items():
             costs.setdefault(t, []).extend(terms)
@@ -151,6 +154,15 @@ def enumerated_scores(
 def _ordinal(site: dict, plates: dict[str, str]) -> frozenset[str]:
     """The symbols of the plates a site sits in (its place in the contraction's tree)."""
     return frozenset(plates[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+
+
+def _summed(site: dict, term: Tensor, dtype: torch.dtype) -> Tensor:
+    """The term of a site in a sum over enumerated values: an enumerated site's own log-probability unmasked, as
+    in TraceEnum_ELBO, so that its values' probabilities still sum to 1 where a mask leaves its element out (masked
+    to 0 for each value, they summed to the support's size: log 2 per masked element of a Bernoulli)."""
+    if not is_enumerated(site):
+        return term
+    return _cast(site["packed"]["unscaled_log_prob"], dtype)
 
 
 def _cast(term: Tensor, dtype: torch.dtype) -> Tensor:
