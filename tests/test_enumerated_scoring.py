@@ -8,6 +8,7 @@ p(x) = Σ_y π_y N(x; μ_y, 1 + σ²). The label is enumerated by the model (the
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pyro
@@ -184,3 +185,87 @@ def test_an_enumerated_latent_per_pixel_is_summed_per_pixel_and_a_mask_leaves_pi
         torch.testing.assert_close(elbo, expected)  # no continuous latent: the ELBO is log p(x)
         loss = TraceEnum_ELBO(max_plate_nesting=2).loss(_pixel_mixture(mask), hmm_guide, x)
         assert -loss == pytest.approx(expected[:, 0].sum().item(), rel=1e-5)
+
+
+Q = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+
+
+@config_enumerate
+def chain_guide(seqs):
+    """q(s | x): a Markov chain of its own, enumerated by the guide."""
+    n, t_max = seqs.shape
+    with pyro.plate("data", n):
+        s = pyro.sample("s_0", dist.Categorical(logits=torch.stack([-seqs[:, 0], seqs[:, 0]], -1)))
+        for t in pyro.markov(range(1, t_max)):
+            s = pyro.sample(f"s_{t}", dist.Categorical(Q[s]))
+
+
+def brute_force(seq: torch.Tensor) -> tuple[float, float]:
+    """log p(x) and the ELBO E_q[log p(x, s) − log q(s)] of ``chain_guide`` by summing over all 2^T paths."""
+    log_p, log_q = [], []
+    q0 = torch.log_softmax(torch.stack([-seq[0], seq[0]]), -1)
+    for path in itertools.product(range(2), repeat=len(seq)):
+        lp = INIT[path[0]].log() + dist.Normal(EMIT[path[0]], 1.0).log_prob(seq[0])
+        lq = q0[path[0]]
+        for t in range(1, len(seq)):
+            lp = lp + TRANS[path[t - 1], path[t]].log() + dist.Normal(EMIT[path[t]], 1.0).log_prob(seq[t])
+            lq = lq + Q[path[t - 1], path[t]].log()
+        log_p.append(lp)
+        log_q.append(lq)
+    lp, lq = torch.stack(log_p), torch.stack(log_q)
+    return lp.logsumexp(0).item(), (lq.exp() * (lp - lq)).sum().item()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_chain_both_sides_mark_for_enumeration_is_the_guides_and_exact(vectorize):
+    """The model marks its states for enumeration and so does the guide (config_enumerate on both, as Pyro's HMM
+    examples do): the guide's enumerated values are replayed in the model, not enumerated again on dims of the
+    model's own, which shifted every later dim and gave wrong log p̂ and ELBO with no warning."""
+    seqs = torch.tensor([[-1.2, -0.8, 1.1, 0.9, 1.3, -0.2], [0.3, 0.1, -0.4, -1.5, -0.9, -1.1]])
+    truth = torch.tensor([brute_force(s) for s in seqs])
+    lw, elbo = log_weights(hmm, chain_guide, seqs, num_samples=2, enumerate=True, with_elbo=True, vectorize=vectorize)
+    torch.testing.assert_close(lw, truth[:, :1].expand(2, 2))  # every path taken: exact whatever q
+    torch.testing.assert_close(elbo, truth[:, 1:].expand(2, 2))
+    ev = ppvae.evaluate(hmm, seqs, guide=chain_guide, num_samples=2, seed=0)
+    assert ev.log_px.tolist() == pytest.approx(truth[:, 0].tolist(), abs=1e-4)
+    assert ev.elbo.tolist() == pytest.approx(truth[:, 1].tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_one_datapoint_and_one_particle_are_scored_like_any_other(vectorize):
+    """A data plate of size 1 (the last batch of N = k·B + 1) and a particle plate of size 1 are no dim of any
+    packed term; the enumerated sum must still come back as (N, S)."""
+    for x, s in ((X[:1], 4), (X, 1), (X[:1], 1)):
+        lw, elbo = log_weights(model, guide_z, x, num_samples=s, enumerate=True, vectorize=vectorize, with_elbo=True)
+        assert lw.shape == elbo.shape == (len(x), s)
+    pyro.set_rng_seed(0)
+    lw = log_weights(model, guide_z, X[:1], num_samples=4000, enumerate=True, vectorize=vectorize)
+    log_px = lw.double().logsumexp(1) - math.log(lw.shape[1])
+    assert log_px.item() == pytest.approx(exact_log_px(X[:1]).item(), abs=0.05)
+    ev = ppvae.evaluate(model, X, guide=guide_z, num_samples=20000, seed=0, batch_size=4)  # last batch: 1 datapoint
+    assert ev.log_px.tolist() == pytest.approx(exact_log_px(X).tolist(), abs=0.03)
+
+
+def test_a_mask_set_on_the_distribution_leaves_pixels_out_like_poutine_mask():
+    """``Distribution.mask()`` keeps its mask inside ``log_prob``: the enumerated site's unmasked probabilities are
+    read from the distribution under the mask, so a masked pixel adds nothing (not log 2, as TraceEnum_ELBO adds)."""
+
+    def dist_masked(mask):
+        def model(x):
+            with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", x.shape[1], dim=-1):
+                y = pyro.sample("y", dist.Bernoulli(0.3).mask(mask), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(2.0 * y, 1.0).mask(mask), obs=x)
+
+        return model
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    mask = torch.arange(4) > 0
+    expected = log_weights(_pixel_mixture(mask), hmm_guide, x, num_samples=2, enumerate=True)
+    per_pixel = torch.stack(
+        [math.log(0.7) + dist.Normal(0.0, 1.0).log_prob(x), math.log(0.3) + dist.Normal(2.0, 1.0).log_prob(x)]
+    ).logsumexp(0)
+    torch.testing.assert_close(expected, per_pixel[:, 1:].sum(-1, keepdim=True).expand(3, 2))
+    lw, elbo = log_weights(dist_masked(mask), hmm_guide, x, num_samples=2, enumerate=True, with_elbo=True)
+    torch.testing.assert_close(lw, expected)
+    torch.testing.assert_close(elbo, expected)

@@ -283,7 +283,8 @@ def _iter_log_weights(
                         raise
                     # The trial's batch broadcast, this one does not (a last, shorter batch): one at a time from here.
                     vectorize = False
-                    info["particles"] = f"sequential (from datapoint {start}: {type(err).__name__})"
+                    first = (str(err).strip().splitlines() or [""])[0][:160]
+                    info["particles"] = f"sequential (from datapoint {start}: {type(err).__name__}: {first})"
                     lw, elbo = weigh(vectorize=False)
                 out[0, :, cols] = lw
                 if enumerate_sites:

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from typing import Any
 
 import torch
+from pyro.distributions import Independent, MaskedDistribution
 from pyro.infer.util import Dice
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree, contract_to_tensor
+from pyro.ops.rings import LogRing
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -115,12 +118,15 @@ def enumerated_scores(
     # particles' and the data's multiplied out (summed in log space).
     tree: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
     for where, term, site in model_side:
-        tree.setdefault(where, []).append(_summed(site, term, dtype))
+        tree.setdefault(where, []).append(_summed(site, term, dtype, symbol_to_dim))
     for where, term, site in guide_side:
         if not is_enumerated(site):  # an enumerated q(y|x) is no proposal here: every value of y is taken
             tree.setdefault(where, []).append(packed.neg(term))
     sum_dims = {d for terms in tree.values() for t in terms for d in t._pyro_dims} - plate_symbols
-    lw = contract_to_tensor(tree, sum_dims, target_ordinal=target)
+    # The kept plates' sizes given to the ring: a plate of size 1 (one datapoint, one particle) is no dim of any
+    # packed term, and broadcasting the result to it would otherwise find no size.
+    ring = LogRing(dim_to_size={kept[0]: sizes[1], **({kept[1]: sizes[0]} if len(kept) > 1 else {})})
+    lw = contract_to_tensor(tree, sum_dims, target_ordinal=target, ring=ring)
     lw = _as_particles_by_data(packed.unpack(lw, symbol_to_dim), sizes, kept, symbol_to_dim)
 
     # ELBO: model terms that depend on dims the model alone enumerates are contracted over those dims first (log
@@ -132,7 +138,7 @@ def enumerated_scores(
     factors: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
     for where, term, site in model_side:
         if model_only.intersection(term._pyro_dims):
-            factors.setdefault(where, []).append(_summed(site, term, dtype))
+            factors.setdefault(where, []).append(_summed(site, term, dtype, symbol_to_dim))
         else:
             costs.setdefault(where, []).append(term)
     if factors:
@@ -156,13 +162,31 @@ def _ordinal(site: dict, plates: dict[str, str]) -> frozenset[str]:
     return frozenset(plates[f.name] for f in site["cond_indep_stack"] if f.vectorized)
 
 
-def _summed(site: dict, term: Tensor, dtype: torch.dtype) -> Tensor:
+def _summed(site: dict, term: Tensor, dtype: torch.dtype, symbol_to_dim: dict[str, int]) -> Tensor:
     """The term of a site in a sum over enumerated values: an enumerated site's own log-probability unmasked, as
     in TraceEnum_ELBO, so that its values' probabilities still sum to 1 where a mask leaves its element out (masked
-    to 0 for each value, they summed to the support's size: log 2 per masked element of a Bernoulli)."""
+    to 0 for each value, they summed to the support's size: log 2 per masked element of a Bernoulli).
+
+    A mask set with ``Distribution.mask()`` lives inside the distribution's ``log_prob``, so the site's unmasked
+    log-probability is recomputed from the distribution under the mask (where TraceEnum_ELBO adds the log 2).
+    """
     if not is_enumerated(site):
         return term
-    return _cast(site["packed"]["unscaled_log_prob"], dtype)
+    fn = _unmasked(site["fn"])
+    if fn is site["fn"]:
+        return _cast(site["packed"]["unscaled_log_prob"], dtype)
+    dim_to_symbol = {dim: symbol for symbol, dim in symbol_to_dim.items()}
+    return _cast(packed.pack(fn.log_prob(site["value"]), dim_to_symbol), dtype)
+
+
+def _unmasked(fn: Any) -> Any:
+    """``fn`` without the masks of ``Distribution.mask()`` (also under ``.to_event()``); ``fn`` itself if none."""
+    if isinstance(fn, MaskedDistribution):
+        return _unmasked(fn.base_dist)
+    if isinstance(fn, Independent):
+        inner = _unmasked(fn.base_dist)
+        return fn if inner is fn.base_dist else Independent(inner, fn.reinterpreted_batch_ndims)
+    return fn
 
 
 def _cast(term: Tensor, dtype: torch.dtype) -> Tensor:

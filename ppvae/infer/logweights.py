@@ -16,12 +16,16 @@ What each site contributes, so that no pair gets a number that is silently wrong
   nothing (a conditional model called with only its inputs) is refused: every weight would be log p(z) − log q(z)
   and log p̂ ≈ 0 would look like a perfect model.
 - **Latent sites** drawn by the guide count in both: + log p(z), − log q(z). A latent of the model the guide does
-  not draw is drawn from the model's own conditional, so it is its own proposal: its ratio is 1 and it is left out
-  (model-side discrete latents marked for enumeration are handled this way: sampled, not summed). A guide latent
-  the model does not draw (a misspelt site name, most often) or observes is refused: it makes no valid weight.
-  Guide latents marked ``infer={"is_auxiliary": True}`` (Pyro's AutoGuides) are counted as Pyro counts them.
-  A guide site marked ``infer={"enumerate": ...}`` is sampled from q like any other site, an unbiased importance
-  sample (Pyro enumerates only under ``TraceEnum_ELBO``); the ELBO is then TraceEnum_ELBO's in expectation.
+  not draw is drawn from the model's own conditional, so it is its own proposal: its ratio is 1 and it is left out.
+  A guide latent the model does not draw (a misspelt site name, most often) or observes is refused: it makes no
+  valid weight. Guide latents marked ``infer={"is_auxiliary": True}`` (Pyro's AutoGuides) are counted as Pyro
+  counts them.
+- **Enumerated discrete sites** (``infer={"enumerate": "parallel"}``): with ``enumerate=True`` they are summed
+  exactly (:mod:`ppvae.infer.enumerated`) — a model-side one out of log p, a guide-side one out of the weight, its
+  ELBO averaged under q's probabilities as TraceEnum_ELBO does. A site the guide draws is replayed in the model
+  even where the model marks it too (a ``pyro.markov`` chain marked on both sides). Without ``enumerate=True``, or
+  when a pair cannot be enumerated (:func:`scoring_trial` says why), they are sampled like any other site: an
+  unbiased importance sample.
 - **Observed sites and factors of the guide** are not densities of what the proposal draws (an auxiliary
   classifier loss in a labelled branch, most often): they are left out, with a warning. A guide whose density
   needs a correction term (a Jacobian) should draw from a ``TransformedDistribution`` instead.
@@ -261,11 +265,17 @@ def _run(
     plate = pyro.plate(_PARTICLES, particles, dim=-nesting - 1) if particles is not None else nullcontext()
     guide_fn = guide if fixed is None else poutine.replay(guide, trace=fixed)
     model_fn = model
+    drawn: set[str] = set()
     if enumerate:
         guide_fn = poutine.enum(guide_fn, first_available_dim=-nesting - 1 - (particles is not None))
-        model_fn = EnumMessenger()(model)  # no first dim: it allocates after the guide's enumerated dims
+        # A site the guide draws (or enumerates) is replayed in the model, whatever the model marks on it: the
+        # model's own enumeration of it would take an enumeration dim of its own before the replay sets its value
+        # (a pyro.markov chain marked on both sides), and every later dim would be off by one.
+        own = poutine.infer_config(model, lambda msg: {"enumerate": None} if msg["name"] in drawn else {})
+        model_fn = EnumMessenger()(own)  # no first dim: it allocates after the guide's enumerated dims
     with plate:
         guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
+        drawn.update(n for n, site in guide_trace.nodes.items() if site["type"] == "sample" and not site["is_observed"])
         source = guide_trace if fixed is None else _with_enumerated(fixed, guide_trace)
         replayed = poutine.replay(model_fn, trace=source)
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
