@@ -109,3 +109,81 @@ def test_user_errors():
         reference_posterior(lg_model, X)
     with pytest.raises(ConfigError, match="index"):
         reference_posterior(exact_vae(), X, index=[20])
+
+
+W2 = torch.tensor([[1.0, 0.8], [0.5, 0.7], [-0.3, -0.1], [0.9, 1.0], [0.0, 0.2], [0.4, 0.3]])  # correlating columns
+
+
+def noisy_model(x, noise):
+    """A linear-Gaussian model with a noise scale per datapoint: posteriors of very different widths, correlated."""
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W2.T, noise[:, None]).to_event(1), obs=x)
+
+
+def poor_guide(x, noise):
+    """The same wrong guess for every datapoint: N((1, -1), 0.3² I), whatever x and its noise."""
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.3).to_event(1))
+
+
+def exact_noisy_posterior(x, noise):
+    """Mean and covariance of p(z | x_k) for a noise scale per datapoint: Σ = (I + WᵀW/s²)⁻¹, μ = Σ Wᵀ(x − b)/s²."""
+    w = W2.double()
+    prec = torch.eye(2, dtype=torch.float64) + (w.T @ w) / noise.double()[:, None, None] ** 2
+    cov = torch.linalg.inv(prec)
+    mean = (cov @ (x.double() @ w)[..., None])[..., 0] / noise.double()[:, None] ** 2
+    return mean.numpy(), cov.numpy()
+
+
+def test_many_datapoints_in_one_run_each_match_their_exact_posterior_despite_a_poor_guide():
+    # Ten datapoints whose posterior sds span 100×, sampled together and whitened by a guide that is wrong for all
+    # of them: every one must still match its own exact posterior (the whitening changes speed, not the target).
+    noise = torch.logspace(-2, 0.5, 10)
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(3))
+    x = z @ W2.T + noise[:, None] * torch.randn(10, 6, generator=torch.Generator().manual_seed(4))
+    ref = reference_posterior(noisy_model, (x, noise), guide=poor_guide, num_points=10, num_warmup=300,
+                              num_samples=500, seed=0)  # fmt: skip
+    assert (ref.run_sizes == 10).all() and ref.ess_tail.shape == (10, 2)
+    mean, cov = exact_noisy_posterior(x, noise)
+    pooled = ref.draws.reshape(10, -1, 2)
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    assert ref.converged().all(), ref.summary()
+    assert (np.abs(pooled.mean(1) - mean) < 4 * sd / np.sqrt(ref.ess)).all()
+    np.testing.assert_allclose(pooled.std(1), sd, rtol=0.12)
+    corr = [np.corrcoef(p.T)[0, 1] for p in pooled]
+    np.testing.assert_allclose(corr, cov[:, 0, 1] / sd.prod(1), atol=0.08)
+    np.testing.assert_allclose(ref.metrics["sd_ratio"], 0.3 / sd, rtol=0.15)  # the guide's 0.3 against the truth
+
+
+def test_datapoints_that_do_not_converge_are_sampled_again_and_say_so():
+    # 60 draws cannot give a bulk ESS of 400: every datapoint fails its first run and is sampled a second time.
+    ref = reference_posterior(exact_vae(), X, index=[0, 5, 9], num_warmup=50, num_samples=60, num_guide_samples=50)
+    assert (ref.attempts == 2).all() and not ref.converged().any()
+    assert [p["attempts"] for p in ref.summary()["points"]] == [2, 2, 2]
+    assert ref.draws.shape == (3, 2, 60, 2)
+    one = reference_posterior(exact_vae(), X, index=[0, 5], num_warmup=200, num_samples=400, points_per_run=1)
+    assert (one.run_sizes == 1).all()
+
+
+def test_constrained_latents_of_several_datapoints_match_the_conjugate_posterior():
+    # Gamma–Poisson per datapoint: z_k ~ Gamma(2, 1), five counts ~ Poisson(z_k); p(z_k | x_k) = Gamma(2 + Σx, 1 + 5).
+    # NUTS samples log z (Pyro's transform and its Jacobian) for eight datapoints at once.
+    rates = torch.linspace(0.5, 20.0, 8)[:, None].expand(8, 5)
+    counts = torch.poisson(rates, generator=torch.Generator().manual_seed(0))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Poisson(z[:, None]).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.LogNormal(x.mean(1).clamp_min(0.5).log(), 0.5))
+
+    ref = reference_posterior(model, counts, guide=guide, num_points=8, num_warmup=300, num_samples=600, seed=2)
+    shape, rate = 2 + counts.sum(1).numpy(), 6.0
+    pooled = ref.draws.reshape(8, -1)
+    np.testing.assert_allclose(pooled.mean(1), shape / rate, rtol=0.05)
+    np.testing.assert_allclose(pooled.std(1), np.sqrt(shape) / rate, rtol=0.12)
+    assert (pooled > 0).all() and ref.converged().all()

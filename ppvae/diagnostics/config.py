@@ -118,13 +118,17 @@ class ReferenceConfig:
     )
     num_chains: int = setting(2, COUNT, "reference_chains")
     num_warmup: int = setting(
-        500, _WHOLE0, "reference_warmup", "--reference-warmup", "NUTS warm-up steps per chain, 2 chains"
+        450, _WHOLE0, "reference_warmup", "--reference-warmup", "NUTS warm-up steps per chain, 2 chains"
     )
     # R-hat needs at least 2 draws per chain.
     num_nuts_draws: int = setting(
         1000, Interval(whole=True, low=2), "reference_samples", "--reference-samples", "NUTS draws kept per chain"
     )
     num_guide_draws: int = setting(1000, Interval(whole=True, low=2), "reference_guide_draws")
+    # Datapoints whose posteriors one NUTS run samples together (one batched decoder pass per leapfrog step).
+    points_per_run: int = setting(
+        50, COUNT, "reference_points_per_run", "--reference-points-per-run", "datapoints sampled in one NUTS run"
+    )
 
 
 @dataclass(frozen=True)

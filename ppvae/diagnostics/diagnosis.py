@@ -252,9 +252,9 @@ def diagnose(
             ``num_gap_points``, ``gap_steps`` (amortization/approximation gaps, a per-datapoint optimization),
             ``sbc_simulations`` (simulated datasets for simulation-based calibration of the guide),
             ``num_reference_points``, ``reference_warmup``, ``reference_samples`` (datapoints for the NUTS reference
-            posterior, and warm-up and kept draws per chain, 2 chains; NUTS is the costliest part: about
-            ``num_reference_points × 2 × (warmup + samples)`` trajectories of up to a few dozen gradient
-            evaluations), and the others listed there.
+            posterior, and warm-up and kept draws per chain, 2 chains; NUTS is the costliest part: up to
+            ``reference_points_per_run`` datapoints share each run, of ``2 × (warmup + samples)`` trajectories of up
+            to a few dozen gradient evaluations of a batch of that many datapoints), and the others listed there.
         data_plate: the plate that indexes datapoints (every part finds the pair's sites from a trace: the local
             latents are the continuous unobserved sites in this plate, :mod:`ppvae.infer.sites`).
         latent_sites: the local latent site (or sites) collapse, gaps, SBC and the NUTS reference work on; default

@@ -47,7 +47,7 @@ __all__ = ["Gaps", "inference_gaps", "pair_gaps", "run_part"]
 
 _FIELDS = ("log_px", "elbo_amortized", "elbo_local", "approximation", "amortization")
 _LINEAR_HEADS = (NormalGuide, LowRankGuide, FullRankGuide)  # exact types: q depends on h only through A h + c
-_CHUNK_ELEMENTS = 2**22  # particles × datapoints × decoder outputs per chunk (16 MiB of float32: see evaluate.py)
+_CHUNK_ELEMENTS = 2**22  # particles × datapoints × decoder outputs (16 MiB of float32; diagnostics/evaluation.py)
 
 
 @dataclass

@@ -17,9 +17,10 @@ and jointly ``mmd``: squared maximum mean discrepancy, RBF kernel, unbiased U-st
 
 Sites are found from a trace (:mod:`ppvae.infer.sites`): the local latents are the model's continuous unobserved
 sites inside the data plate (``pyro.plate("data")`` by default), whatever their names; the data are the model's
-arguments (a tensor, or a tuple of data, labels, masks... indexed by row). NUTS runs ``model(*args_k)`` on one
-datapoint's arguments (a data plate of size one), samples every continuous unobserved site of it and sums the
-enumerated discrete ones out; the chosen local latents are kept.
+arguments (a tensor, or a tuple of data, labels, masks... indexed by row). NUTS runs ``model(*args)`` on the rows
+of up to ``points_per_run`` datapoints at once (their posteriors are independent given the weights, so one run
+samples their product; :mod:`ppvae.diagnostics.nuts_batch`), samples every continuous unobserved site and sums
+the enumerated discrete ones out; the chosen local latents are kept. Convergence is read per datapoint.
 """
 
 from __future__ import annotations
@@ -35,11 +36,8 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS
-from pyro.poutine.util import site_is_subsample
 from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
-from torch.distributions import biject_to
 
 from ppvae._local_params import local_module_params
 from ppvae._param_store import model_store
@@ -47,6 +45,7 @@ from ppvae._validate import Interval, check
 from ppvae.data import as_tensor, check_finite
 from ppvae.diagnostics.arviz_io import ess, rhat
 from ppvae.diagnostics.config import ReferenceConfig
+from ppvae.diagnostics.nuts_batch import guide_particles, model_layout, pair_potential, sample_joint, whitening
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, DataError, NotApplicable
 from ppvae.infer.eval_mode import scoring_mode
@@ -59,7 +58,6 @@ __all__ = ["ReferencePosterior", "reference_posterior", "posterior_metrics", "ru
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
 _MMD_MAX_POINTS = 2000  # per sample: the kernel matrix of the pooled sample stays ≤ 4000² floats
-_DENSE_MASS_MAX = 64  # latent coordinates up to which NUTS adapts a dense mass matrix
 
 
 @dataclass
@@ -71,8 +69,11 @@ class ReferencePosterior:
         draws: ``(K, chains, draws, D)`` NUTS draws of z.
         rhat: ``(K, D)`` rank-normalized split R-hat.
         ess: ``(K, D)`` bulk effective sample size.
+        ess_tail: ``(K, D)`` tail effective sample size (of the 5% and 95% quantiles; Vehtari et al. 2021).
         guide_draws: ``(K, L, D)`` draws from q(z | x_k).
         metrics: see :func:`posterior_metrics`; ``(K, D)`` arrays, ``"mmd"`` ``(K,)``.
+        attempts: ``(K,)`` 1, or 2 for a datapoint sampled again after its first joint run did not converge.
+        run_sizes: ``(K,)`` how many datapoints shared the NUTS run whose draws are kept.
         seconds: wall-clock time of the whole computation.
     """
 
@@ -82,6 +83,9 @@ class ReferencePosterior:
     ess: np.ndarray
     guide_draws: np.ndarray
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    ess_tail: np.ndarray | None = None
+    attempts: np.ndarray | None = None
+    run_sizes: np.ndarray | None = None
     seconds: float = 0.0
 
     def converged(self) -> np.ndarray:
@@ -97,6 +101,8 @@ class ReferencePosterior:
                 "index": int(self.index[k]),
                 "rhat_max": float(self.rhat[k].max()),
                 "ess_min": float(self.ess[k].min()),
+                **({} if self.ess_tail is None else {"ess_tail_min": float(self.ess_tail[k].min())}),
+                **({} if self.attempts is None else {"attempts": int(self.attempts[k])}),
                 "converged": bool(self.converged()[k]),
                 "mean_error_sd": float(np.abs(m["mean_error_sd"][k]).mean()),
                 "sd_ratio": float(m["sd_ratio"][k].mean()),
@@ -112,6 +118,8 @@ class ReferencePosterior:
         m = self.metrics
         return [
             ("NUTS reference R-hat max", f"{np.nanmax(self.rhat):.3f}", f"< {RHAT_MAX} converged"),
+            ("NUTS reference bulk ESS min", f"{np.nanmin(self.ess):.0f}", f"> {ESS_MIN:.0f} converged"),
+            ("NUTS reference converged", f"{int(self.converged().sum())}/{len(self.index)}", "datapoints"),
             ("q vs NUTS |mean err|/sd", f"{np.nanmean(np.abs(m['mean_error_sd'])):.3f}", "0 when q matches"),
             ("q vs NUTS sd ratio", f"{np.nanmean(m['sd_ratio']):.3f}", "1 when q matches"),
         ]
@@ -189,11 +197,17 @@ def reference_posterior(
     num_guide_samples: int = ReferenceConfig.num_guide_draws,
     latent_site: str | None = None,
     latent_sites: str | Sequence[str] | None = None,
+    points_per_run: int = ReferenceConfig.points_per_run,
     data_plate: str = "data",
     seed: int = 0,
     progress: bool = False,
 ) -> ReferencePosterior:
     """NUTS on the local latent of ``K`` datapoints, network weights fixed, and the guide compared with it.
+
+    Up to ``points_per_run`` datapoints share one run of Pyro's NUTS on their joint (independent) posterior, each
+    datapoint's coordinates whitened by its guide's draws (:mod:`ppvae.diagnostics.nuts_batch`). R-hat and bulk and
+    tail ESS are then read per datapoint (ArviZ); the datapoints that did not converge are sampled again, together
+    and apart from the rest, with twice the warm-up, and that second run is kept (``attempts``).
 
     Args:
         model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods, or a model function (then
@@ -202,9 +216,10 @@ def reference_posterior(
             indexed by row.
         guide: the guide function, for a model function (overrides the object's ``guide`` otherwise).
         index: explicit rows of ``data``; else ``num_points`` evenly spaced rows.
-        num_chains, num_warmup, num_samples: per datapoint, chains run one after another (seeded from
-            ``seed``, the datapoint's row and the chain, so a row's draws do not depend on the other rows).
-        num_guide_samples: ``L`` draws of q(z | x_k).
+        num_chains, num_warmup, num_samples: per run, chains run one after another (seeded from ``seed``, the
+            run's first row, its size and the chain: a row's draws depend on the rows it shares a run with).
+        num_guide_samples: ``L`` draws of q(z | x_k) for the comparison, and as many for the whitening.
+        points_per_run: datapoints sampled together in one NUTS run; 1 gives every datapoint a run of its own.
         latent_site, latent_sites: the local latent site (or sites) kept and compared; default every continuous
             latent in ``data_plate``, found from the trace (:mod:`ppvae.infer.sites`). Enumerated discrete latents
             are marginalized by NUTS (the model's site enumerated in parallel); a model with global latents (outside
@@ -223,6 +238,7 @@ def reference_posterior(
         ("num_chains", num_chains),
         ("num_samples", num_samples),
         ("num_guide_samples", num_guide_samples),
+        ("points_per_run", points_per_run),
     ):
         check(name, value, Interval(whole=True, low=2 if name in ("num_samples", "num_guide_samples") else 1))
     check("num_warmup", num_warmup, Interval(whole=True, low=0))
@@ -232,77 +248,85 @@ def reference_posterior(
     rng_state = pyro.util.get_rng_state()
     wanted = (latent_site,) if latent_site is not None else latent_sites
     fast = is_builtin_vae(owner) and guide is None and wanted in (None, "z", ("z",))
-    draws, q_draws = [], []
     a0 = take_rows(args, rows[:1], n)
+    runs: dict[int, _Run] = {}
     try:
         # Networks in eval mode (their training flags and buffers given back afterwards; gradients with respect to
         # z stay on for NUTS), in the model's own parameter store (ppvae._param_store), whose weights _frozen fixes.
         evaluating = scoring_mode(owner, model_fn, guide_fn, no_grad=False)
         own_store = model_store(model_fn, guide_fn, owner, exercise=lambda: (guide_fn(*a0), model_fn(*a0)))
         with evaluating, own_store, _frozen(owner):
-            names, enumerated, size = _check_sites(model_fn, guide_fn, a0, wanted, data_plate)
+            names, enumerated = _check_sites(model_fn, guide_fn, a0, wanted, data_plate)
             nuts_model, nesting = model_fn, None
             if enumerated:  # marginalized exactly: NUTS sums the model's enumerated sites out of the potential
                 nuts_model = poutine.infer_config(
                     model_fn, lambda msg: {"enumerate": "parallel"} if msg["name"] in enumerated else {}
                 )
                 nesting = plate_nesting(model_fn, guide_fn, *a0)
-            # A dense mass matrix adapts to correlated posteriors (a decoder couples the latent dimensions); its
-            # O(D^2) cost is negligible next to a decoder gradient at these sizes. Measured on a Fashion-MNIST VAE
-            # (D = 16): 0.031 s per NUTS iteration against 0.043 s with a diagonal one, same draws' moments.
-            full_mass = size <= _DENSE_MASS_MAX
-            for row in rows:
-                argk = take_rows(args, [row], n)
-                xk = argk[0]
-                chains = []
-                for c in range(num_chains):
-                    pyro.set_rng_seed(_seed(seed, row, 0, c))
-                    if fast:  # a ppvae.VAE: its log-density in closed form, without tracing the model per step
-                        with torch.no_grad():
-                            z0 = owner.encode(xk).sample()
-                        kernel = NUTS(potential_fn=_vae_potential(owner, xk), full_mass=full_mass)
-                        mcmc = MCMC(
-                            kernel,
-                            num_samples,
-                            warmup_steps=num_warmup,
-                            initial_params={"z": z0},
-                            disable_progbar=not progress,
-                        )
-                        mcmc.run()
-                    else:
-                        kernel = NUTS(nuts_model, jit_compile=False, full_mass=full_mass, max_plate_nesting=nesting)
-                        # With enumerated sites, Pyro would start a continuous latent that depends on one at a draw
-                        # shaped by the enumeration dim (2 values for a 2-way site): start at the guide's draw.
-                        init = _guide_start(model_fn, guide_fn, argk) if enumerated else None
-                        mcmc = MCMC(
-                            kernel,
-                            num_samples,
-                            warmup_steps=num_warmup,
-                            initial_params=init,
-                            disable_progbar=not progress,
-                        )
-                        mcmc.run(*argk)
-                    samples = mcmc.get_samples()  # site → (num_samples, 1, *event) for a data plate at dim -1
-                    z = torch.cat([samples[s].reshape(num_samples, -1) for s in names], -1)
-                    chains.append(z.double().numpy())
-                draws.append(np.stack(chains))
-                pyro.set_rng_seed(_seed(seed, row, 1, 0))
-                with poutine.block(), torch.no_grad():
-                    q = guide_draws(guide_fn, argk, names, data_plate, num_guide_samples)  # (L, 1, D)
-                q_draws.append(q[:, 0].double().numpy())
+
+            def sample(group: np.ndarray, attempt: int, warmup: int) -> None:
+                argk = take_rows(args, group, n)
+                pyro.set_rng_seed(_seed(seed, int(group[0]), len(group), attempt, 2))
+                layout, begin = model_layout(model_fn, guide_fn, argk, data_plate)
+                white = whitening(guide_particles(model_fn, guide_fn, argk, layout, num_guide_samples))
+                if fast:  # a ppvae.VAE: its log-density in closed form, without tracing the model per step
+                    potential = _vae_potential(owner, argk[0])
+                else:
+                    potential = pair_potential(nuts_model, argk, layout, begin, nesting)
+                seeds = [_seed(seed, int(group[0]), len(group), attempt, 0, c) for c in range(num_chains)]
+                u = sample_joint(potential, layout, white, num_chains=num_chains, num_warmup=warmup,
+                                 num_samples=num_samples, seeds=seeds, progress=progress)  # fmt: skip
+                with torch.no_grad():
+                    z = layout.constrained_rows(layout.unflatten(u), names, lead=2)  # (chains, S, K, D)
+                    pyro.set_rng_seed(_seed(seed, int(group[0]), len(group), attempt, 1))
+                    with poutine.block():
+                        q = guide_draws(guide_fn, argk, names, data_plate, num_guide_samples)  # (L, K, D)
+                for k, row in enumerate(group):
+                    zk, qk = z[:, :, k].double().numpy(), q[:, k].double().numpy()
+                    runs[int(row)] = _Run(zk, qk, attempt + 1, len(group))
+
+            for i in range(0, len(rows), points_per_run):
+                sample(rows[i : i + points_per_run], 0, num_warmup)
+            # One shared step size serves every datapoint of a run; the ones that did not converge are sampled again
+            # together, apart from the others, with twice the warm-up, and their second run is the one kept.
+            failed = np.array([r for r in rows if not _converged(runs[int(r)].draws)], dtype=np.int64)
+            for i in range(0, len(failed), points_per_run):
+                sample(failed[i : i + points_per_run], 1, 2 * num_warmup)
     finally:
         pyro.util.set_rng_state(rng_state)
-    draws_arr, q_arr = np.stack(draws), np.stack(q_draws)
+    draws_arr = np.stack([runs[int(r)].draws for r in rows])
+    q_arr = np.stack([runs[int(r)].guide for r in rows])
     per_point = [posterior_metrics(d.reshape(-1, d.shape[-1]), q) for d, q in zip(draws_arr, q_arr, strict=True)]
     return ReferencePosterior(
         index=rows,
         draws=draws_arr,
         rhat=np.stack([rhat(d) for d in draws_arr]).astype(np.float64),
         ess=np.stack([ess(d) for d in draws_arr]).astype(np.float64),
+        ess_tail=np.stack([ess(d, "tail") for d in draws_arr]).astype(np.float64),
         guide_draws=q_arr,
         metrics={key: np.stack([m[key] for m in per_point]) for key in per_point[0]},
+        attempts=np.array([runs[int(r)].attempts for r in rows], dtype=np.int64),
+        run_sizes=np.array([runs[int(r)].run_size for r in rows], dtype=np.int64),
         seconds=time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One datapoint's result from a joint NUTS run: draws ``(chains, S, D)``, guide draws ``(L, D)``, which attempt
+    produced them and how many datapoints shared the run."""
+
+    draws: np.ndarray
+    guide: np.ndarray
+    attempts: int
+    run_size: int
+
+
+def _converged(draws: np.ndarray) -> bool:
+    """R-hat < 1.01 and bulk ESS > 400 in every dimension of ``draws (chains, S, D)``; one chain has no R-hat and
+    counts as converged when its ESS is enough."""
+    ok = bool((ess(draws) > ESS_MIN).all())
+    return ok and (len(draws) < 2 or bool((rhat(draws) < RHAT_MAX).all()))
 
 
 def _resolve(model: Any, guide: Callable | None) -> tuple[Callable, Callable, nn.Module | None]:
@@ -371,26 +395,11 @@ def _vae_potential(vae: Any, xk: Tensor) -> Callable[[dict[str, Tensor]], Tensor
     return potential
 
 
-def _guide_start(model_fn: Callable, guide_fn: Callable, args: tuple) -> dict[str, Tensor]:
-    """One draw of the guide as NUTS's starting point: every continuous latent of the model, unconstrained."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide_fn).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(*args)
-    start = {}
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name not in guide_trace:
-            continue
-        if site["fn"].support.is_discrete:
-            continue
-        start[name] = biject_to(site["fn"].support).inv(site["value"])
-    return start
-
-
 def _check_sites(
     model_fn: Callable, guide_fn: Callable, args: tuple, wanted: str | Sequence[str] | None, plate: str
-) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-    """The local latent sites compared, the enumerated sites NUTS marginalizes, and the number of unconstrained
-    coordinates NUTS samples; :class:`NotApplicable` (naming the pair's sites by role) for a pair NUTS cannot serve."""
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The local latent sites compared and the enumerated sites NUTS marginalizes; :class:`NotApplicable` (naming
+    the pair's sites by role) for a pair NUTS cannot serve."""
     sites = discover_sites(model_fn, guide_fn, args, data_plate=plate)
     names = sites.latents(wanted, "the NUTS reference")
     if sites.global_latents:
@@ -410,7 +419,7 @@ def _check_sites(
         raise NotApplicable(
             f"the NUTS reference compares the guide's draws of {missing}, which the guide does not sample"
         )
-    return names, sites.enumerated, sum(sites.sizes.values())
+    return names, sites.enumerated
 
 
 def run_part(inputs: PartInput, config: ReferenceConfig) -> ReferencePosterior:
@@ -424,6 +433,7 @@ def run_part(inputs: PartInput, config: ReferenceConfig) -> ReferencePosterior:
         num_warmup=config.num_warmup,
         num_samples=config.num_nuts_draws,
         num_guide_samples=config.num_guide_draws,
+        points_per_run=config.points_per_run,
         latent_sites=inputs.latent_sites,
         data_plate=inputs.data_plate,
         seed=inputs.seed,
