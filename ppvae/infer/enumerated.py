@@ -22,7 +22,9 @@ own enumeration (``poutine.enum``) and its tensor contraction (``pyro.ops.contra
       ELBO = Σ_y q(y | x) E_q(z|x,y)[log p(x, y, z) − log q(y, z | x)]
 
 Both are per (particle, datapoint): shape ``(P, N)``. Scores are of the model's own densities: each site's
-log-probability is unscaled and masked (see :mod:`ppvae.infer.logweights`).
+log-probability is unscaled and masked (see :mod:`ppvae.infer.logweights`). One difference from TraceEnum_ELBO: an
+enumerated site masked with ``Distribution.mask()`` (not ``poutine.mask``) has its values' probabilities summed
+unmasked, so a masked element adds nothing; TraceEnum_ELBO adds log K for it (K values), so there the two differ.
 """
 
 from __future__ import annotations
