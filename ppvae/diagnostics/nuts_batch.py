@@ -172,9 +172,6 @@ def guide_particles(model: Callable, guide: Callable, args: tuple, layout: Layou
     """``(L, K, D)`` unconstrained draws of every latent in ``layout``: the guide's, and the model's given the
     guide's for the latents the guide does not sample. One vectorized run in a particle plate, or ``num`` runs for
     a pair that does not broadcast over one."""
-    dims = [f.dim for s in poutine.trace(guide).get_trace(*args).nodes.values() if s["type"] == "sample"
-            for f in s["cond_indep_stack"]]  # fmt: skip
-    dim = min([-1, *dims, *[-len(layout.shapes[n]) for n in layout.names]]) - 1
 
     def joint() -> dict[str, Tensor]:
         guide_trace = poutine.trace(guide).get_trace(*args)
@@ -182,6 +179,9 @@ def guide_particles(model: Callable, guide: Callable, args: tuple, layout: Layou
         return {n: layout.transforms[n](nodes[n]["value"]) for n in layout.names}
 
     with poutine.block(), torch.no_grad():
+        dims = [f.dim for s in poutine.trace(guide).get_trace(*args).nodes.values() if s["type"] == "sample"
+                for f in s["cond_indep_stack"]]  # fmt: skip
+        dim = min([-1, *dims, *[-len(layout.shapes[n]) for n in layout.names]]) - 1
         try:
             with pyro.plate(_PARTICLES, num, dim=dim):
                 values = joint()
@@ -220,8 +220,8 @@ def sample_joint(
 
     The guide's Gaussian is only a first whitening: an amortized mean-field guide misses the posterior's
     correlations, and joint NUTS then takes long trajectories of short steps (85 leapfrog steps per iteration for
-    20 Fashion-MNIST posteriors, against 21 after re-whitening; ``benchmarks/bench_reference.py``). So the warm-up
-    is spent in two stages:
+    20 Fashion-MNIST posteriors, against about 21 after re-whitening; counted as ``benchmarks/RESULTS.md`` says).
+    So the warm-up is spent in two stages:
 
     1. a third of it as Pyro's NUTS warm-up on the guide-whitened coordinates, a third as draws from that run;
     2. those draws, pooled over chains, re-estimate each datapoint's mean and covariance (:func:`whitening`), and

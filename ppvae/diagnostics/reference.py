@@ -92,8 +92,7 @@ class ReferencePosterior:
     def converged(self) -> np.ndarray:
         """``(K,)`` bool: R-hat < 1.01 and bulk ESS > 400 in every dimension (one chain: ESS alone, as it has no
         R-hat)."""
-        ess_ok = (self.ess > ESS_MIN).all(axis=1)
-        return ess_ok if self.draws.shape[1] < 2 else ess_ok & (self.rhat < RHAT_MAX).all(axis=1)
+        return _passes(self.rhat, self.ess, self.draws.shape[1])
 
     def summary(self) -> dict[str, Any]:
         """``{"points": rows, "converged": bool}``: one row per datapoint with the worst diagnostics and the guide's
@@ -335,10 +334,15 @@ class _Run:
 
 
 def _converged(draws: np.ndarray) -> bool:
-    """R-hat < 1.01 and bulk ESS > 400 in every dimension of ``draws (chains, S, D)``; one chain has no R-hat and
-    counts as converged when its ESS is enough."""
-    ok = bool((ess(draws) > ESS_MIN).all())
-    return ok and (len(draws) < 2 or bool((rhat(draws) < RHAT_MAX).all()))
+    """Whether one datapoint's ``draws (chains, S, D)`` pass :func:`_passes`."""
+    return bool(_passes(rhat(draws), ess(draws), len(draws)))
+
+
+def _passes(r: np.ndarray, e: np.ndarray, num_chains: int) -> np.ndarray:
+    """R-hat < 1.01 and bulk ESS > 400 in every dimension (the last axis of ``r`` and ``e``); one chain has no
+    R-hat and passes on its ESS alone."""
+    ok = (e > ESS_MIN).all(axis=-1)
+    return ok if num_chains < 2 else ok & (r < RHAT_MAX).all(axis=-1)
 
 
 def _resolve(model: Any, guide: Callable | None) -> tuple[Callable, Callable, nn.Module | None]:
