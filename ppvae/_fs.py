@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from ppvae.errors import CheckpointError, ConfigError
 
-__all__ = ["previous", "write_atomic", "prepare_dir", "locked_dir"]
+__all__ = ["previous", "write_atomic", "copy_atomic", "prepare_dir", "locked_dir"]
 
 
 def previous(path: str | os.PathLike) -> Path:
@@ -44,6 +44,27 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, keep_previo
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+def copy_atomic(source: Path, path: Path, *, keep_previous: bool = False) -> None:
+    """Make ``path`` hold ``source``'s bytes as :func:`write_atomic` would write them: a hard link (no copy; a later
+    rename over ``source`` leaves ``path`` as it is), or a copy, fsynced, on a filesystem without hard links."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            _keep_previous(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

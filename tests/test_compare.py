@@ -170,8 +170,9 @@ def test_bad_arguments(digits):
 
 def test_continuous_likelihood_ranks_with_masses_and_jobs_change_nothing(digits, tmp_path):
     """A Normal on 17 grey levels is scored by its bins' probabilities: same group as the Categorical, in bits/dim.
-    Two worker processes give the same numbers as one process (each cell seeds its own RNG)."""
-    kwargs = dict(likelihoods=["categorical", "normal"], settings=TINY, progress=None)
+    Two worker processes, each taking a second cell after its first, give the same numbers as one process (each
+    cell seeds its own RNG)."""
+    kwargs = dict(likelihoods=["categorical", "normal"], guides=["normal", "fullrank"], settings=TINY, progress=None)
     serial = compare(digits, out=tmp_path / "serial", **kwargs).table()
     parallel = compare(digits, out=tmp_path / "parallel", jobs=2, **kwargs).table()
     assert serial["group"].nunique() == 1 and serial["bits_per_dim"].notna().all()
@@ -193,10 +194,12 @@ class _KillsItsWorker(torch.nn.Module):
 
 
 def test_a_dead_worker_fails_its_cell_only(digits, tmp_path):
-    comp = compare(digits, priors=["normal", _KillsItsWorker()], settings=TINY, out=tmp_path, jobs=2, progress=None)
-    df = comp.table()
-    assert list(df["status"]) == ["ok", "failed"]
-    assert df["error"].iloc[1].startswith("worker process died")
+    # Workers take cell after cell; the one that dies is replaced, and the cells queued after it run.
+    priors = ["normal", _KillsItsWorker(), "mixture", "vamp"]
+    comp = compare(digits, priors=priors, settings=TINY, out=tmp_path, jobs=2, progress=None)
+    df = comp.table().set_index("prior")
+    assert df["status"].to_dict() == {"normal": "ok", "_KillsItsWorker": "failed", "mixture": "ok", "vamp": "ok"}
+    assert df.loc["_KillsItsWorker", "error"].startswith("worker process died")
 
 
 def test_labels_stay_unique_and_ranks_follow_the_numbers(digits, grid, tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 import ppvae
 from ppvae.data import LinearGaussian
+from ppvae.diagnostics import reference
 from ppvae.diagnostics.reference import posterior_metrics, reference_posterior
 from ppvae.errors import ConfigError, DataError
 
@@ -159,14 +160,22 @@ def test_many_datapoints_in_one_run_each_match_their_exact_posterior_despite_a_p
     np.testing.assert_allclose(ref.metrics["sd_ratio"], 0.3 / sd, rtol=0.15)  # the guide's 0.3 against the truth
 
 
-def test_datapoints_that_do_not_converge_are_sampled_again_and_say_so():
-    # 60 draws cannot give a bulk ESS of 400: every datapoint fails its first run and is sampled a second time.
+def test_datapoints_that_do_not_converge_are_sampled_again_and_say_so(monkeypatch):
+    # With R-hat < 0.5 required no run can pass: every datapoint fails its first run and is sampled a second time.
+    monkeypatch.setattr(reference, "RHAT_MAX", 0.5)
+    monkeypatch.setattr(reference, "ESS_MIN", 100.0)  # 2 chains × 60 draws could pass it
     ref = reference_posterior(exact_vae(), X, index=[0, 5, 9], num_warmup=50, num_samples=60, num_guide_samples=50)
     assert (ref.attempts == 2).all() and not ref.converged().any()
     assert [p["attempts"] for p in ref.summary()["points"]] == [2, 2, 2]
     assert ref.draws.shape == (3, 2, 60, 2)
     one = reference_posterior(exact_vae(), X, index=[0, 5], num_warmup=200, num_samples=400, points_per_run=1)
     assert (one.run_sizes == 1).all()
+
+
+def test_runs_too_short_for_the_ess_criterion_are_not_sampled_again():
+    # 2 chains × 60 draws cannot give a bulk ESS of 400, nor could a second run: the first one is kept, unconverged.
+    ref = reference_posterior(exact_vae(), X, index=[0, 5, 9], num_warmup=50, num_samples=60, num_guide_samples=50)
+    assert (ref.attempts == 1).all() and not ref.converged().any()
 
 
 def test_constrained_latents_of_several_datapoints_match_the_conjugate_posterior():

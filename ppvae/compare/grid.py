@@ -189,8 +189,9 @@ def compare(
             and one with other scoring settings (``num_samples``, ``max_test_points``, ``diagnose``) reuses the
             trained models and only scores them again. One grid at a time: a second on the same directory is
             refused while the first holds ``out/.lock``. Default: a temporary directory removed afterwards.
-        jobs: cells trained in parallel, one process per cell; each gets ``cores // jobs`` torch threads (cores
-            this process may use). A cell whose process dies is a failed row.
+        jobs: cells trained in parallel in as many worker processes, each taking one cell at a time; each gets
+            ``cores // jobs`` torch threads (cores this process may use). A cell whose process dies is a failed row,
+            and a fresh process takes the cells after it.
         retry_failed: rerun cells whose cached result is a failure (default: report the cached failure).
         progress: called with one line per cell as it finishes (``print``, say). Default: each line is logged at
             INFO level to the ``ppvae.compare`` logger, which says nothing unless logging is configured.
@@ -411,29 +412,38 @@ def _run(
     workers = min(jobs, len(todo), cores)
     threads = max(1, cores // workers)  # no oversubscription: workers × threads ≤ the cores this process may use
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its thread pools can deadlock
-    # One process per cell (not a shared pool): a cell that kills its worker (out of memory, a crash in native
-    # code) fails alone instead of breaking the pool and every cell still queued in it.
-    queue, running = list(todo), {}
+    # Each worker process runs one cell at a time and, when the cell returns, takes the next (spawning a process and
+    # importing torch and Pyro costs seconds per cell); a cell that kills its worker (out of memory, a crash in
+    # native code) fails alone, as no other cell is queued in that process, and a fresh process takes its place.
+    queue, running, idle = list(todo), {}, []
     try:
         while queue or running:
             while queue and len(running) < workers:
                 i = queue.pop(0)
-                pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(data, threads))
+                pool = idle.pop() if idle else _worker_pool(ctx, data, threads)
                 running[pool.submit(_worker_cell, cells[i], settings, dirs[i])] = (i, pool)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 i, pool = running.pop(future)
                 try:
                     result = future.result()
+                    idle.append(pool)
                 except Exception as err:  # noqa: BLE001 - the worker died: this cell failed, the grid goes on
                     result = {"label": cells[i].label(), "status": "failed", "cell": _cell_record(cells[i])}
                     result["error"] = f"worker process died ({type(err).__name__}: {err}); rerun with jobs=1 to see why"
                     write_json_atomic(dirs[i] / "result.json", result)
-                pool.shutdown(wait=False)
+                    pool.shutdown(wait=False)
                 yield i, result
     finally:
+        for pool in idle:
+            pool.shutdown(wait=False)
         for _, pool in running.values():
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_pool(ctx: Any, data: DataSplits, threads: int) -> ProcessPoolExecutor:
+    """A one-process pool holding the grid's data, for one cell at a time."""
+    return ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(data, threads))
 
 
 def _cell_record(cell: Cell) -> dict:

@@ -11,16 +11,15 @@ Arrays follow ppvae's convention: importance log-weights ``(N, S)`` with samples
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import math
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.0 refactor on import
-    import arviz as az
 
 __all__ = [
     "AZ_MAJOR",
@@ -34,7 +33,24 @@ __all__ = [
     "load_netcdf",
 ]
 
-AZ_MAJOR = int(az.__version__.split(".")[0])
+AZ_MAJOR = int(importlib.metadata.version("arviz").split(".")[0])
+
+
+class _ArviZ:
+    """``arviz``, imported on first use: with SciPy, xarray and pandas it takes about 2 s, which every command (and
+    every grid worker) would otherwise pay at ``import ppvae`` before doing anything."""
+
+    _module: ModuleType | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _ArviZ._module is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # 0.23 announces the 1.0 refactor on import
+                _ArviZ._module = importlib.import_module("arviz")
+        return getattr(_ArviZ._module, name)
+
+
+az: Any = _ArviZ()
 
 
 def khat_threshold(num_samples: int) -> float:

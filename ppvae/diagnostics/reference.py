@@ -37,7 +37,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
-from scipy.stats import wasserstein_distance
 from torch import Tensor, nn
 
 from ppvae._local_params import local_module_params
@@ -159,6 +158,8 @@ def posterior_metrics(reference: np.ndarray, approx: np.ndarray) -> dict[str, np
     if ref.ndim != 2 or q.ndim != 2 or ref.shape[1] != q.shape[1] or len(ref) < 2 or len(q) < 2:
         raise ConfigError(f"need reference (R, D) and approx (L, D) with R, L ≥ 2; got {ref.shape} and {q.shape}")
     sd_ref = ref.std(axis=0, ddof=1)
+    from scipy.stats import wasserstein_distance  # SciPy's stats take a second to import: only when used
+
     w1 = np.array([wasserstein_distance(q[:, d], ref[:, d]) for d in range(ref.shape[1])])
     return {
         "mean_error_sd": (q.mean(axis=0) - ref.mean(axis=0)) / sd_ref,
@@ -209,7 +210,9 @@ def reference_posterior(
     Up to ``points_per_run`` datapoints share one run of Pyro's NUTS on their joint (independent) posterior, each
     datapoint's coordinates whitened by its guide's draws (:mod:`ppvae.diagnostics.nuts_batch`). R-hat and bulk and
     tail ESS are then read per datapoint (ArviZ); the datapoints that did not converge are sampled again, together
-    and apart from the rest, with twice the warm-up, and that second run is kept (``attempts``).
+    and apart from the rest, with twice the warm-up, and that second run is kept (``attempts``). When
+    ``num_chains × num_samples ≤ 400`` no datapoint can pass the bulk-ESS criterion (:meth:`converged`), and none is
+    sampled again.
 
     Args:
         model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods, or a model function (then
@@ -292,8 +295,10 @@ def reference_posterior(
             for i in range(0, len(rows), points_per_run):
                 sample(rows[i : i + points_per_run], 0, num_warmup)
             # One shared step size serves every datapoint of a run; the ones that did not converge are sampled again
-            # together, apart from the others, with twice the warm-up, and their second run is the one kept.
-            failed = np.array([r for r in rows if not _converged(runs[int(r)].draws)], dtype=np.int64)
+            # together, apart from the others, with twice the warm-up, and their second run is the one kept. Runs too
+            # short to reach the ESS criterion (chains × draws ≤ 400) are not: a second one could not pass either.
+            retry = num_chains * num_samples > ESS_MIN
+            failed = np.array([r for r in rows if retry and not _converged(runs[int(r)].draws)], dtype=np.int64)
             for i in range(0, len(failed), points_per_run):
                 sample(failed[i : i + points_per_run], 1, 2 * num_warmup)
     finally:

@@ -23,7 +23,6 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from scipy import stats
 from torch import Tensor
 
 from ppvae._local_params import local_module_params
@@ -166,6 +165,8 @@ def sbc(
     bins = min(20, num_simulations // 5, num_draws + 1)
     expected = num_simulations * _bin_sizes(num_draws, bins) / (num_draws + 1)
     binned = ranks * bins // (num_draws + 1)
+    from scipy import stats  # SciPy's stats take a second to import: only when used
+
     p_values = np.array(
         [stats.chisquare(np.bincount(binned[:, d], minlength=bins), expected).pvalue for d in range(ranks.shape[1])]
     )
@@ -311,6 +312,8 @@ def sbc_plot(result: SBCResult, path: str | Path) -> Path:
     fig = Figure(figsize=(3 * ncol, 2.4 * nrow), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     frac = _bin_sizes(result.num_draws, result.bins) / (result.num_draws + 1)
+    from scipy import stats
+
     low, high = stats.binom.ppf(0.005, m, frac), stats.binom.ppf(0.995, m, frac)
     edges = np.arange(result.bins + 1)
     binned = result.ranks * result.bins // (result.num_draws + 1)

@@ -144,9 +144,10 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         state = trainer.state
-        names = ("last.pt", "best.pt") if state.improved else ("last.pt",)
-        for name in names:
-            checkpoint.save_training(self.directory / name, self.model, state.params, state.optimizer, state)
+        last = self.directory / "last.pt"
+        checkpoint.save_training(last, self.model, state.params, state.optimizer, state)
+        if state.improved:  # the same bytes: a second name for last.pt's file, not a second serialization
+            checkpoint.copy_training(last, self.directory / "best.pt")
 
 
 class Progress(Callback):

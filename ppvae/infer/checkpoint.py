@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ppvae._archive import FORMAT, VERSION, config_json, read, read_file, write_file
-from ppvae._fs import previous
+from ppvae._fs import copy_atomic, previous
 from ppvae.errors import CheckpointError
 
-__all__ = ["check_space", "save_training", "restore_training"]
+__all__ = ["check_space", "save_training", "copy_training", "restore_training"]
 
 
 def check_space(directory: Path, params: list[tuple[str, Tensor]]) -> None:
@@ -113,6 +113,18 @@ def save_training(
         write_file(obj, path)
     except OSError as err:
         kept = f"; {path} still holds the previous epoch's checkpoint" if path.exists() else ""
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {err.strerror or err}{kept}; free space (or fix permissions) and resume"
+        ) from None
+
+
+def copy_training(source: Path, path: Path) -> None:
+    """Make ``path`` the checkpoint ``source`` is (``best.pt`` from the ``last.pt`` just written), atomically and
+    without serializing it again (a hard link where the filesystem has them)."""
+    try:
+        copy_atomic(source, path, keep_previous=True)
+    except OSError as err:
+        kept = f"; {path} still holds the previous checkpoint" if path.exists() else ""
         raise CheckpointError(
             f"cannot write checkpoint {path}: {err.strerror or err}{kept}; free space (or fix permissions) and resume"
         ) from None
