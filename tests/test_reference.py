@@ -221,3 +221,20 @@ def test_a_model_written_for_minibatches_gets_its_untempered_posterior():
         ref = reference_posterior(model, x, guide=guide, num_points=4, num_warmup=150, num_samples=300,
                                   num_guide_samples=200, points_per_run=per_run)  # fmt: skip
         np.testing.assert_allclose(ref.draws.reshape(4, -1, 2).std(1) / sd, 1.0, atol=0.15)
+
+
+def test_whitening_floors_a_coordinate_the_guide_does_not_vary_in_both_of_its_forms():
+    # A point-mass coordinate (sd 0) gets a scale of 1e-3 of the median sd, not 0 (NUTS could not move it) — in the
+    # dense form (L > 2D draws, the covariance's Cholesky factor) as in the diagonal one.
+    from ppvae.diagnostics.nuts_batch import whitening
+
+    g = torch.Generator().manual_seed(0)
+    for num in (200, 4):  # dense, then diagonal (L ≤ 2D)
+        draws = torch.randn(num, 3, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0, 0.0])
+        white = whitening(draws)
+        scales = torch.linalg.norm(white.tril, dim=-1)  # each coordinate's sd under the whitening: row norms
+        median = draws.std(0).median()
+        assert (scales[:, 3] >= 0.999e-3 * median).all() and (scales[:, 3] <= 1.01e-3 * median).all(), scales
+        np.testing.assert_allclose(scales[:, :3], draws.std(0)[:, :3], rtol=1e-4)
+        u = draws[0]
+        torch.testing.assert_close(white(white.inverse(u)), u)

@@ -161,7 +161,10 @@ def whitening(draws: Tensor, dense_max: int = DENSE_MAX) -> Whitening:
     if d <= dense_max and num > 2 * d:
         centred = (x - loc) / sd
         corr = torch.einsum("lki,lkj->kij", centred, centred) / (num - 1)
-        corr = corr + 1e-6 * torch.eye(d, dtype=x.dtype)
+        # A floored coordinate's variance is below 1 in these units: lift it to 1, so its scale is the floor itself
+        # (adding to the diagonal keeps the matrix positive definite).
+        lift = torch.clamp(1.0 - torch.diagonal(corr, dim1=-2, dim2=-1), min=0.0)
+        corr = corr + torch.diag_embed(lift) + 1e-6 * torch.eye(d, dtype=x.dtype)
         chol, info = torch.linalg.cholesky_ex(corr)
         if bool((info == 0).all()):
             return Whitening(loc.to(draws.dtype), (sd.unsqueeze(-1) * chol).to(draws.dtype))
