@@ -275,7 +275,7 @@ def fit(
             params = list(found.values())
             if ckpt_dir is not None:
                 checkpoint.check_space(ckpt_dir, params)
-            state = TrainState(params, torch.optim.Adam([p for _, p in params], lr=lr))
+            state = TrainState(params, adam([p for _, p in params], lr=lr))
             if resume and ckpt_dir is not None:
                 _resume(ckpt_dir, state, owner)
             trainer = Trainer(
@@ -422,6 +422,17 @@ def _callbacks(
     if ckpt_dir is not None:
         callbacks.append(Checkpoint(ckpt_dir, model))
     return callbacks
+
+
+def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with PyTorch's fused kernel where it has one for these tensors (CPU and CUDA since torch
+    2.4): the same update in one kernel per tensor instead of about ten, 0.47 ms a step against 1.65 ms for the
+    784-400-50 VAE's ten tensors on one CPU thread (``benchmarks/RESULTS.md``); elsewhere the default
+    implementation. Its state dict is the default one's, so checkpoints load either way."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # an older torch, or a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
 
 
 def _check_arguments(
