@@ -37,10 +37,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, keep_previo
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _install(Path(tmp), path, keep_previous)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -59,13 +56,19 @@ def copy_atomic(source: Path, path: Path, *, keep_previous: bool = False) -> Non
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _install(tmp, path, keep_previous)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _install(tmp: Path, path: Path, keep_previous: bool) -> None:
+    """Rename the finished ``tmp`` over ``path`` (its current file kept as ``<name>.prev`` first if asked) and flush
+    the directory entry."""
+    if keep_previous and path.exists():
+        _keep_previous(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _keep_previous(path: Path) -> None:
