@@ -173,9 +173,19 @@ def test_datapoints_that_do_not_converge_are_sampled_again_and_say_so(monkeypatc
 
 
 def test_runs_too_short_for_the_ess_criterion_are_not_sampled_again():
-    # 2 chains × 60 draws cannot give a bulk ESS of 400, nor could a second run: the first one is kept, unconverged.
+    # 2 chains × 60 draws cannot give a bulk ESS of 400 (ArviZ's bound: 120 log10 120 = 249), nor could a second
+    # run: the first one is kept, unconverged.
     ref = reference_posterior(exact_vae(), X, index=[0, 5, 9], num_warmup=50, num_samples=60, num_guide_samples=50)
     assert (ref.attempts == 1).all() and not ref.converged().any()
+    assert reference._ess_bound(120) <= reference.ESS_MIN < reference._ess_bound(300)
+
+
+def test_a_quick_run_of_2_by_150_draws_is_still_sampled_again(monkeypatch):
+    # 300 draws can show a bulk ESS up to 743 (antithetic NUTS chains often exceed N), so a failed quick run may pass
+    # a second time and is retried; R-hat < 0.5 makes every first run fail.
+    monkeypatch.setattr(reference, "RHAT_MAX", 0.5)
+    ref = reference_posterior(exact_vae(), X, index=[0], num_warmup=50, num_samples=150, num_guide_samples=50)
+    assert (ref.attempts == 2).all()
 
 
 def test_constrained_latents_of_several_datapoints_match_the_conjugate_posterior():

@@ -48,7 +48,7 @@ DEMO_GRID: dict[str, Any] = {
 # ... and what its cells share: a small MLP VAE (one hidden layer of 128: the whole demo in under a minute on two
 # cores, where 256 took about 55-65 s), early-stopped on the validation ELBO, scored with IWAE_500 and the
 # quick diagnostics but the NUTS reference, which the verdict does not read (it ranks on log p̂, paired differences,
-# k̂ and inference gaps) and which on one datapoint with 2 × 150 draws could not pass its own convergence test; the
+# k̂ and inference gaps) and which on one datapoint with 2 × 150 draws rarely passes its own convergence test; the
 # best cell is saved as a run, so `ppvae diagnose runs/demo` gives it a full reference.
 DEMO_SETTINGS = GridSettings(
     latent_dim=8,

@@ -25,6 +25,7 @@ the enumerated discrete ones out; the chosen local latents are kept. Convergence
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -211,8 +212,8 @@ def reference_posterior(
     datapoint's coordinates whitened by its guide's draws (:mod:`ppvae.diagnostics.nuts_batch`). R-hat and bulk and
     tail ESS are then read per datapoint (ArviZ); the datapoints that did not converge are sampled again, together
     and apart from the rest, with twice the warm-up, and that second run is kept (``attempts``). When
-    ``num_chains × num_samples ≤ 400`` no datapoint can pass the bulk-ESS criterion (:meth:`converged`), and none is
-    sampled again.
+    ``N · log10(N) ≤ 400`` for ``N = num_chains × num_samples`` (N ≤ 190; ArviZ's bound on the bulk ESS of N draws)
+    no datapoint can pass the bulk-ESS criterion (:meth:`converged`), and none is sampled again.
 
     Args:
         model: a :class:`ppvae.VAE`, any object with ``model``/``guide`` methods, or a model function (then
@@ -296,8 +297,8 @@ def reference_posterior(
                 sample(rows[i : i + points_per_run], 0, num_warmup)
             # One shared step size serves every datapoint of a run; the ones that did not converge are sampled again
             # together, apart from the others, with twice the warm-up, and their second run is the one kept. Runs too
-            # short to reach the ESS criterion (chains × draws ≤ 400) are not: a second one could not pass either.
-            retry = num_chains * num_samples > ESS_MIN
+            # short to ever reach the ESS criterion are not: ArviZ's bulk ESS of N draws is at most N·log10(N).
+            retry = _ess_bound(num_chains * num_samples) > ESS_MIN
             failed = np.array([r for r in rows if retry and not _converged(runs[int(r)].draws)], dtype=np.int64)
             for i in range(0, len(failed), points_per_run):
                 sample(failed[i : i + points_per_run], 1, 2 * num_warmup)
@@ -341,6 +342,11 @@ class _Run:
 def _converged(draws: np.ndarray) -> bool:
     """Whether one datapoint's ``draws (chains, S, D)`` pass :func:`_passes`."""
     return bool(_passes(rhat(draws), ess(draws), len(draws)))
+
+
+def _ess_bound(num_draws: int) -> float:
+    """The largest bulk ESS ArviZ reports for ``num_draws`` draws in all: N·log10(N) (its cap on antithetic chains)."""
+    return num_draws * math.log10(num_draws)
 
 
 def _passes(r: np.ndarray, e: np.ndarray, num_chains: int) -> np.ndarray:
