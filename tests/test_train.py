@@ -500,3 +500,18 @@ def test_seeded_fit_leaves_the_callers_random_state():
     pyro.set_rng_seed(3)  # what fit did before: reseed the global RNGs
     ppvae.fit(b, x, epochs=2, batch_size=32, progress=False, seed=None)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_fit_trains_a_complex_parameter_with_the_default_adam():
+    # PyTorch's fused Adam takes only real floating-point tensors and says so at its first step: fit must choose the
+    # default implementation for a complex parameter up front, as it trained before.
+    from ppvae.infer.train import adam
+
+    real, cplx = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    assert adam([real], lr=0.1).defaults["fused"] is True
+    opt = adam([real, cplx], lr=0.1)
+    assert not opt.defaults["fused"]
+    for p in (real, cplx):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert (cplx.detach().real < 0).all() and (real.detach() < 0).all()
