@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -476,3 +477,30 @@ def test_tuple_splits_give_a_conditional_pair_its_inputs_on_the_same_rows(tmp_pa
     bad = dataclasses.replace(splits, test=(binary.test, binary.test_labels[:5]))
     with pytest.raises(ppvae.ConfigError, match="different numbers of rows"):
         compare(bad, models={"mine": mine}, settings=settings)
+
+
+def test_a_worker_killed_between_cells_is_replaced(digits, tmp_path, monkeypatch):
+    # A worker that dies while idle (the OOM killer picks large processes, and a reused worker keeps its memory)
+    # must not take the grid down: the next cell goes to a fresh process.
+    from ppvae.compare import grid as grid_module
+
+    pools, killed = [], []
+    make = grid_module._worker_pool
+    monkeypatch.setattr(grid_module, "_worker_pool", lambda *a: pools.append(make(*a)) or pools[-1])
+
+    def kill_an_idle_worker(line):
+        if killed:
+            return
+        idle = [p for p in pools if not p._pending_work_items]
+        for pid, proc in idle[0]._processes.items():
+            os.kill(pid, 9)
+            proc.join()
+        killed.append(idle[0])
+        deadline = time.monotonic() + 30  # its executor marks itself broken once its manager thread sees the death
+        while not idle[0]._broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert idle[0]._broken
+
+    comp = compare(digits, priors=["normal", "mixture", "vamp"], settings=TINY, out=tmp_path, jobs=2,
+                   progress=kill_an_idle_worker)  # fmt: skip
+    assert list(comp.table()["status"]) == ["ok", "ok", "ok"] and killed

@@ -33,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,9 +420,17 @@ def _run(
     try:
         while queue or running:
             while queue and len(running) < workers:
-                i = queue.pop(0)
-                pool = idle.pop() if idle else _worker_pool(ctx, data, threads)
-                running[pool.submit(_worker_cell, cells[i], settings, dirs[i])] = (i, pool)
+                i, task = queue.pop(0), None
+                while idle and task is None:
+                    pool = idle.pop()
+                    try:
+                        task = pool.submit(_worker_cell, cells[i], settings, dirs[i])
+                    except BrokenProcessPool:  # its process died between cells (killed while idle): drop it
+                        pool.shutdown(wait=False)
+                if task is None:
+                    pool = _worker_pool(ctx, data, threads)
+                    task = pool.submit(_worker_cell, cells[i], settings, dirs[i])
+                running[task] = (i, pool)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 i, pool = running.pop(future)
