@@ -267,3 +267,50 @@ def test_vectorize_false_is_honoured_for_a_vae():
     b = ppvae.evaluate(vae, X, num_samples=200, seed=0, vectorize=False)
     assert a.particles == "vectorized" and b.particles.startswith("sequential")
     np.testing.assert_allclose(b.log_px, a.log_px, atol=1e-3)  # the exact guide: every weight is log p(x)
+
+
+def _masked_pair(kind):
+    """A Bernoulli observation of 6 binary elements, some masked out (by the distribution or by a handler), or not."""
+    from pyro import poutine
+
+    keep = torch.tensor([True, True, True, True, False, False])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pixel = dist.Bernoulli(logits=z[..., None].expand(*z.shape, 6))
+            if kind == "mask()":
+                pyro.sample("x", pixel.mask(keep).to_event(1), obs=x)
+            elif kind == "poutine.mask":
+                with poutine.mask(mask=x[:, 0] > 0.5):  # whole datapoints left out, as a missing-data mask does
+                    pyro.sample("x", pixel.to_event(1), obs=x)
+            elif kind == "mask(True)":
+                pyro.sample("x", pixel.mask(True).to_event(1), obs=x)
+            else:
+                pyro.sample("x", pixel.to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize(
+    "kind,masked", [("mask()", ("x",)), ("poutine.mask", ("x",)), ("mask(True)", ()), ("none", ())]
+)
+def test_masked_observations_give_no_bits_per_dim_and_say_so(kind, masked):
+    # A pair that masks elements scores a probability of the ones it keeps: dividing by all 6 into bits/dim would
+    # understate it, and ranking it against a model of every element would be wrong.
+    from ppvae.compare.cells import group_of
+
+    model, guide = _masked_pair(kind)
+    x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    ev = ppvae.evaluate(model, x, guide=guide, num_samples=20, seed=0)
+    assert ev.masked == masked and ev.discrete
+    assert (ev.bits_per_dim is None) == bool(masked)
+    assert ("masked_sites" in ev.summary()) == bool(masked)
+    splits = ppvae.data.load("digits", binarize="static")
+    group = group_of(splits, ev.discrete, ev.masked, "mine")
+    assert ("mine's probability of the elements it keeps (x masked)" in group) == bool(masked)
+    assert (group == group_of(splits, True)) != bool(masked)

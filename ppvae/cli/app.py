@@ -36,7 +36,7 @@ from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_com
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory, without_trace_shapes
 from ppvae.infer.config import ON_NONFINITE, FitConfig
 from ppvae.infer.objectives import OBJECTIVES
-from ppvae.infer.observed import observed_discrete
+from ppvae.infer.observed import observed_discrete, observed_masked
 from ppvae.infer.train import fit
 from ppvae.run_meta import RunMeta
 from ppvae.vae import VAE
@@ -241,30 +241,39 @@ def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, se
         "train_seconds": round(seconds, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    discrete = None
+    no_bits: str | None | bool = False  # not yet known
     for split in ("val", "test"):
         x = getattr(splits, split)
         if x is not None:
-            if discrete is None:
-                discrete = _is_discrete(model, x[:2])
+            if no_bits is False:
+                no_bits = _no_bits_because(model, x[:2])
+                if no_bits:
+                    summary["no_bits_per_dim"] = no_bits
             torch.manual_seed(0)
             with _eval_mode(model):  # dropout off, BatchNorm on its running statistics: the model as it is scored
                 elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]
             summary[f"{split}_elbo"] = round(elbo, 4)
-            if discrete:  # bits/dim of a density would depend on the units of x: not a number to compare
+            if no_bits is None:  # bits/dim of a density would depend on the units of x: not a number to compare
                 summary[f"{split}_elbo_bits_per_dim"] = round(-elbo / (math.log(2) * math.prod(splits.data_shape)), 4)
     summary["final_train_loss"] = round(result.history[-1]["train_loss"], 4)
     return summary
 
 
-def _is_discrete(model: Any, x: torch.Tensor) -> bool:
-    """Whether the model's log-likelihood is a probability of the data (its likelihood says, or its observed sites'
-    supports, read from one run of the pair)."""
+def _no_bits_because(model: Any, x: torch.Tensor) -> str | None:
+    """Why the model's log-likelihood does not divide by D into bits/dim, or None when it is a probability of the
+    whole datapoint (its likelihood says, or its observed sites' supports and masks, read from one run of the pair)."""
     likelihood = getattr(model, "likelihood", None)
-    if isinstance(getattr(likelihood, "discrete", None), bool):
-        return likelihood.discrete
+    known = getattr(likelihood, "discrete", None)
+    if isinstance(known, bool):
+        return None if known else "a density"
     with _eval_mode(model):
-        return bool(observed_discrete(model.model, model.guide, x))
+        kind = observed_discrete(model.model, model.guide, x)
+        if kind is None:
+            return "observed sites of mixed or unknown kinds"
+        if not kind:
+            return "a density"
+        masked = observed_masked(model.model, model.guide, x)
+    return f"{', '.join(masked)} masked, a probability of the elements kept" if masked else None
 
 
 @contextmanager
@@ -287,7 +296,8 @@ def _print_summary(summary: dict, out: str) -> None:
     for split in ("val", "test"):
         if f"{split}_elbo" in summary:
             bits = summary.get(f"{split}_elbo_bits_per_dim")
-            shown = f"   {bits:.4f} bits/dim (upper bound)" if bits is not None else "   (a density: no bits/dim)"
+            why = summary.get("no_bits_per_dim", "a density")
+            shown = f"   {bits:.4f} bits/dim (upper bound)" if bits is not None else f"   ({why}: no bits/dim)"
             print(f"  {split:4s} ELBO  {summary[f'{split}_elbo']:9.3f} nats/datapoint{shown}")
     print(f"saved run: {out}/model.pt   summary: {out}/summary.json")
     if "samples" in summary:

@@ -160,6 +160,9 @@ def _evaluation_rows(ev: dict) -> list[tuple[str, str, str]]:
         rows.append(("KL", pm("kl"), "E_q[log q(z|x) − log p(z)]; ELBO = reconstruction − KL"))
     if "bits_per_dim" in ev:
         rows.append(("bits/dim", pm("bits_per_dim", 4, ""), f"−log₂ p̂(x) / D, from IWAE_{s}"))
+    elif ev.get("masked_sites"):
+        masked = ", ".join(ev["masked_sites"])
+        rows.append(("bits/dim", "n/a", f"site {masked} masks some elements: log p̂ is of the ones it keeps"))
     else:
         rows.append(("bits/dim", "n/a", "the likelihood is a density: bits/dim would not be comparable"))
     bad = ev["num_nonfinite"]

@@ -243,12 +243,18 @@ def _key_part(obj: Any) -> str:
     return f"{type(obj).__qualname__}:{obj!r}"
 
 
-def group_of(splits: DataSplits, discrete: bool | None) -> str:
+def group_of(splits: DataSplits, discrete: bool | None, masked: Sequence[str] = (), label: str | None = None) -> str:
     """Comparability group: cells are ranked only against cells scored as the same kind of number.
 
     Binarized data (Bernoulli) never rank against grey levels, a static binarization never against a dynamic one,
     probability masses never against densities (a user's pair with a density likelihood on grey levels included).
+    A pair that masks elements of its observations out of the density (``masked``: a conditional model scoring the
+    pixels it predicts, missing entries) scores a probability of fewer elements than the others: it is a group of
+    its own (named by ``label``), unless the caller names a group for pairs known to keep the same elements.
     """
+    if masked:
+        sites = ", ".join(masked)
+        return f"{splits.name}: {label or 'a model'}'s probability of the elements it keeps ({sites} masked)"
     if discrete is None:
         return f"{splits.name}: a score of unknown kind (the model does not say whether it is a mass or a density)"
     if not discrete:  # a density is never ranked against probabilities, whatever the data
@@ -380,7 +386,7 @@ def _run_cell(cell: Cell, settings: GridSettings, splits: DataSplits, directory:
             ).history
             save(model, directory / "model.pt", meta=run_meta(splits, settings, cell, history))
         result.update(history=history, train_seconds=sum(h.get("seconds", 0.0) for h in history))
-        result.update(score(model, splits, settings, seed=cell.seed, directory=directory))
+        result.update(score(model, splits, settings, seed=cell.seed, directory=directory, label=cell.label()))
     except Exception as err:  # noqa: BLE001 - a failing cell is reported in the table, the grid goes on
         result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     result["seconds"] = time.perf_counter() - start
@@ -418,12 +424,14 @@ def score(
     directory: Path,
     guide: Any = None,
     group: str | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Diagnose ``model`` (with ``guide`` for a pair of functions) on the grid's test rows; write arrays.npz and
     diagnosis.nc; return summary numbers.
 
     The comparability group comes from what the scores are (:func:`group_of`: the observed sites' support, read by
-    :func:`ppvae.evaluate`, and the preprocessing); ``group`` names it instead. A tuple test split ``(x, *inputs)``
+    :func:`ppvae.evaluate`, and the preprocessing; ``label`` names a masked pair's own group); ``group`` names it
+    instead. A tuple test split ``(x, *inputs)``
     is given whole to a user's pair and as ``x`` to a built-in VAE, on the same rows.
     """
     from ppvae.blocks.discretize import scoring_view
@@ -443,7 +451,8 @@ def score(
     ev = d.evaluation
     if not np.isfinite(ev.log_px).any():
         raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
-    out = {"diagnosis": d.to_dict(), "group": group or group_of(splits, ev.discrete), "num_test": len(rows)}
+    group = group or group_of(splits, ev.discrete, ev.masked, label)
+    out = {"diagnosis": d.to_dict(), "group": group, "num_test": len(rows)}
     out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)
     arrays: dict[str, np.ndarray] = {"rows": rows, "log_px": ev.log_px, "elbo": ev.elbo, "khat": d.khat}

@@ -500,7 +500,7 @@ def _score_fitted(
     result: dict[str, Any] = {"label": name, "cell": {"fitted": name}, "status": "ok", "error": None, "history": []}
     try:
         model, guide = model if isinstance(model, tuple) else (model, None)  # a (model_fn, guide_fn) pair
-        result.update(score(model, data, settings, seed=0, directory=directory, guide=guide, group=group))
+        result.update(score(model, data, settings, seed=0, directory=directory, guide=guide, group=group, label=name))
     except Exception as err:  # noqa: BLE001 - reported in the table
         result.update(status="failed", error=f"{type(err).__name__}: {err}")
     write_json_atomic(directory / "result.json", result)

@@ -132,6 +132,8 @@ class Diagnosis:
             rows.append(("reconstruction | KL", f"{ev['reconstruction']:.3f} | {ev['kl']:.3f} nats", "ELBO = rec − KL"))
         if "bits_per_dim" in ev:
             rows.append(("bits/dim", f"{ev['bits_per_dim']:.4f}", f"from log p̂ (IWAE_{s})"))
+        elif ev.get("masked_sites"):
+            rows.append(("masked", ", ".join(ev["masked_sites"]), "log p̂ is of the unmasked elements; no bits/dim"))
         rows += [
             ("PSIS k̂ median / 90%", f"{d['khat_median']:.2f} / {d['khat_p90']:.2f}", "< 0.5 good"),
             (

@@ -58,6 +58,8 @@ class Evaluation:
         log_weights: ``(N, S)`` float32, kept when asked (``keep_log_weights=True``).
         data_dim: number of elements per datapoint (for bits/dim).
         discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
+        masked: observed sites with elements masked out of the density; then log p̂ is a probability of the
+            elements kept, not of the whole datapoint, and bits/dim (÷ ``data_dim``) are not reported.
         particles: how the particles were drawn: ``"vectorized"`` (all in one pass) or ``"sequential (why)"``
             (one at a time, for a pair that does not broadcast over a leading particle dim).
         enumerated: how sites marked for enumeration were scored: ``"summed: y, ..."`` (exactly, the ELBO then
@@ -75,6 +77,7 @@ class Evaluation:
     split: str | None = None
     particles: str | None = None
     enumerated: str | None = None
+    masked: tuple[str, ...] = ()
 
     @property
     def summed(self) -> bool:
@@ -89,8 +92,9 @@ class Evaluation:
 
     @property
     def bits_per_dim(self) -> np.ndarray | None:
-        """``(N,)`` −log₂ P̂(x) / D for discrete likelihoods; None for densities (not comparable)."""
-        if not self.discrete:
+        """``(N,)`` −log₂ P̂(x) / D for discrete likelihoods; None for densities (not comparable) and for masked
+        observations (fewer than D elements are scored)."""
+        if not self.discrete or self.masked:
             return None
         return -self.log_px / (math.log(2) * self.data_dim)
 
@@ -121,6 +125,7 @@ class Evaluation:
             "units": "nats; bits_per_dim in bits per dimension",
             "particles": self.particles or "",
             "enumerated": self.enumerated or "",
+            "masked": ", ".join(self.masked),
         }
 
     def to_inference_data(self) -> Any:
@@ -152,6 +157,8 @@ class Evaluation:
             out[name], out[f"{name}_se"] = mean, se
         out["estimator"] = f"ELBO (mean of {self.num_samples} log-weights); log_px: IWAE_{self.num_samples}"
         out["num_nonfinite"] = int((~ok).sum())
+        if self.masked:
+            out["masked_sites"] = list(self.masked)
         return out
 
 
@@ -298,7 +305,7 @@ def _enumeration(model: Callable, guide: Callable, batch: tuple, data_plate: str
     """Whether sites the pair marks for enumeration are summed (recorded in ``info``, with the data's kind)."""
     with fork_rngs():  # the trial's draws leave the evaluation's own draws as they were without it
         trial = scoring_trial(model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting)
-    info["discrete"] = trial.discrete
+    info["discrete"], info["masked"] = trial.discrete, trial.masked
     if trial.enumerated:
         info["enumerated"] = f"summed: {', '.join(trial.enumerated)}"
     elif trial.sampled_because:
@@ -476,6 +483,7 @@ def evaluate(
         split=split,
         particles=info.get("particles"),
         enumerated=info.get("enumerated"),
+        masked=tuple(info.get("masked", ())),
     )
 
 

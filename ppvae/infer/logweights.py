@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ppvae.errors import ConfigError, PPVAEError
 from ppvae.infer.enumerated import enumerable, enumerated_scores, is_enumerated
-from ppvae.infer.observed import discrete_support
+from ppvae.infer.observed import discrete_support, masked_sites
 
 __all__ = ["log_weights", "plate_nesting", "particles_broadcast", "scoring_trial", "ScoringTrial"]
 
@@ -200,11 +200,13 @@ class ScoringTrial:
         enumerated: the sites summed over exactly (marked ``infer={"enumerate": "parallel"}``), in trace order.
         sampled_because: why marked sites are drawn instead (an unbiased importance sample), or None.
         discrete: whether the observed sites have discrete supports (:func:`ppvae.infer.observed.discrete_support`).
+        masked: the observed sites with elements masked out of the density (:func:`ppvae.infer.observed.masked_sites`).
     """
 
     enumerated: tuple[str, ...]
     sampled_because: str | None
     discrete: bool | None
+    masked: tuple[str, ...] = ()
 
 
 def scoring_trial(
@@ -223,7 +225,7 @@ def scoring_trial(
     except Exception as err:  # noqa: BLE001 - a pair that cannot run enumerated is sampled, and told why
         reason = f"running it enumerated raised {type(err).__name__}: {_first_line(err)}"
         model_trace, guide_trace = _run(model, guide, args, kwargs, None, max_plate_nesting)
-    discrete = discrete_support(model_trace)
+    discrete, masked = discrete_support(model_trace), masked_sites(model_trace)
     marked = (
         n
         for tr in (guide_trace, model_trace)
@@ -232,7 +234,7 @@ def scoring_trial(
     )
     names = tuple(dict.fromkeys(marked))
     if not names:
-        return ScoringTrial((), None, discrete)
+        return ScoringTrial((), None, discrete, masked)
     reason = reason or enumerable(model_trace, guide_trace)
     if reason is None:
         try:
@@ -243,7 +245,7 @@ def scoring_trial(
             raise
         except Exception as err:  # noqa: BLE001 - a pair that cannot be enumerated is sampled, and told why
             reason = f"summing over them raised {type(err).__name__}: {_first_line(err)}"
-    return ScoringTrial(names if reason is None else (), reason, discrete)
+    return ScoringTrial(names if reason is None else (), reason, discrete, masked)
 
 
 def _run(

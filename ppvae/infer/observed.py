@@ -17,7 +17,7 @@ from pyro import poutine
 
 from ppvae._rng import fork_rngs
 
-__all__ = ["observed_sites", "observed_discrete", "discrete_support"]
+__all__ = ["observed_sites", "observed_discrete", "discrete_support", "masked_sites", "observed_masked"]
 
 
 def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
@@ -26,10 +26,13 @@ def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) 
 
     Runs guide and model once, blocked from any enclosing handler, without gradients, on copies of the RNGs.
     """
+    return _observed(_model_trace(model, guide, args, kwargs))
+
+
+def _model_trace(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
     with torch.no_grad(), poutine.block(), fork_rngs():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    return _observed(model_trace)
+        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
 
 
 def observed_discrete(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> bool | None:
@@ -41,6 +44,36 @@ def observed_discrete(model: Callable, guide: Callable, *args: Any, **kwargs: An
 def discrete_support(model_trace: Any) -> bool | None:
     """:func:`observed_discrete` read from a model trace already made (no run of the pair)."""
     return _kind(_observed(model_trace))
+
+
+def observed_masked(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+    """:func:`masked_sites` of ``model`` run on ``args`` with the guide's latents replayed (as :func:`observed_sites`
+    runs it)."""
+    return masked_sites(_model_trace(model, guide, args, kwargs))
+
+
+def masked_sites(model_trace: Any) -> tuple[str, ...]:
+    """The observed sites some of whose elements are masked out of the log-density (``poutine.mask`` or
+    ``Distribution.mask`` with a mask that is not all True), in trace order.
+
+    A pair that masks observations scores a probability of the elements it keeps (the hidden pixels a conditional
+    model predicts, the entries of a matrix that are not missing), not of the whole datapoint: its log p̂ neither
+    divides by the data's size into bits/dim nor ranks against a model of every element.
+    """
+    names = []
+    for name, site in _observed(model_trace).items():
+        masks, fn = [site.get("mask")], site["fn"]
+        while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
+            if isinstance(fn, dist.MaskedDistribution):
+                masks.append(fn._mask)
+            fn = fn.base_dist
+        if any(m is not None and not _all_true(m) for m in masks):
+            names.append(name)
+    return tuple(names)
+
+
+def _all_true(mask: Any) -> bool:
+    return bool(mask.all()) if isinstance(mask, torch.Tensor) else bool(mask)
 
 
 def _observed(model_trace: Any) -> dict[str, dict]:
