@@ -19,6 +19,7 @@ from ppvae.blocks.likelihoods import LIKELIHOODS
 from ppvae.blocks.priors import PRIORS
 from ppvae.blocks.specs import parse_block
 from ppvae.cli.args import count_arg, fit_arg, seed_arg
+from ppvae.cli.runs import runs_for_grid
 from ppvae.compare.grid import Cell, Comparison, GridSettings, check_grid, compare
 from ppvae.diagnostics.config import DiagnoseConfig, part_configs
 from ppvae.errors import ConfigError
@@ -149,6 +150,14 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
         default=2000,
         help="evenly spaced test rows scored (default 2000)",
     )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="trained runs (ppvae train's directories: a built-in VAE or a model file) scored beside the cells, "
+        "on the same test rows; each must have been trained on this --dataset, --binarize and --seed",
+    )
     p.add_argument("--full-diagnostics", action="store_true", help="ppvae diagnose's defaults for every cell")
     p.add_argument("--jobs", type=count_arg("jobs"), default=1, help="cells run in parallel processes (cores shared)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose cached result is a failure")
@@ -206,9 +215,11 @@ def compare_command(args: argparse.Namespace) -> Comparison:
         "seeds": args.seeds,
     }
     check_grid(splits, **axes, settings=settings)  # a typo is one line of error, before anything is made
+    models = runs_for_grid(args.runs, splits)
     grid = [len(args.priors), len(args.likelihoods), len(args.guides), len(args.objectives), len(args.seeds)]
     n = grid[0] * grid[1] * grid[2] * grid[3] * grid[4]
-    print(f"comparing {n} cells ({' × '.join(map(str, grid))}) on {splits.name}; cache and report in {out}/")
+    beside = f" and {len(models)} trained run{'s' * (len(models) != 1)} ({', '.join(models)})" if models else ""
+    print(f"comparing {n} cells ({' × '.join(map(str, grid))}){beside} on {splits.name}; cache and report in {out}/")
     start = time.perf_counter()
     result = compare(
         splits,
@@ -216,6 +227,7 @@ def compare_command(args: argparse.Namespace) -> Comparison:
         settings=settings,
         out=out,
         jobs=args.jobs,
+        models=models or None,
         retry_failed=args.retry_failed,
         progress=print,  # a line per finished cell on stdout (the library only logs them)
     )

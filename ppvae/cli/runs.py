@@ -131,6 +131,39 @@ def load_run(run: str) -> tuple[torch.nn.Module, dict]:
     )
 
 
+def runs_for_grid(runs: Sequence[str], splits: datamod.DataSplits) -> dict[str, torch.nn.Module]:
+    """The models of saved runs (``ppvae train``'s, any model file), by a name each (the run directory's), to score
+    beside a compare grid's cells on ``splits``; a run trained on other data (another dataset, binarization or split
+    seed, so other test rows) is refused, naming what differs."""
+    models: dict[str, torch.nn.Module] = {}
+    for run in runs:
+        path = run_path(run)
+        if not path.is_file():
+            raise ConfigError(f"--runs {run}: no such run (a directory of ppvae train holding model.pt, or the file)")
+        model, stored = load_run(run)
+        meta = RunMeta.from_dict(stored)
+        trained_on = _splits_of(meta, path)
+        if (trained_on.name, trained_on.binarize) != (splits.name, splits.binarize) or not _same(trained_on, splits):
+            raise ConfigError(
+                f"--runs {run} was trained on {trained_on.name!r} (binarize {trained_on.binarize}, split seed "
+                f"{meta.seed if meta.seed is not None else 0}), not on the grid's test rows ({splits.name!r}, binarize "
+                f"{splits.binarize}, --seed {splits.preprocessing.get('seed', 0)}): give compare the run's --dataset, "
+                "--binarize and --seed"
+            )
+        name = path.parent.name if path.name == "model.pt" else path.stem
+        base, k = name, 2
+        while name in models:
+            name, k = f"{base}-{k}", k + 1
+        models[name] = model
+    return models
+
+
+def _same(a: datamod.DataSplits, b: datamod.DataSplits) -> bool:
+    """Whether two loads hold the same test rows (grey levels for a dynamic binarization)."""
+    x, y = (getattr(t, "grey", t) for t in (a.test, b.test))
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+
+
 def split_data(meta: RunMeta | dict, split: str, path: Path, seed: int) -> torch.Tensor:
     """A split of the run's dataset, loaded and preprocessed as in training (same split seed and binarization).
 
