@@ -311,6 +311,45 @@ def test_masked_observations_give_no_bits_per_dim_and_say_so(kind, masked):
     assert (ev.bits_per_dim is None) == bool(masked)
     assert ("masked_sites" in ev.summary()) == bool(masked)
     splits = ppvae.data.load("digits", binarize="static")
-    group = group_of(splits, ev.discrete, ev.masked, "mine")
-    assert ("mine's probability of the elements it keeps (x masked)" in group) == bool(masked)
+    group = group_of(splits, ev.discrete, ev.masked, ev.mask_key, "mine")
+    assert (f"probability of the elements its masks keep (x masked; masks {ev.mask_key})" in group) == bool(masked)
     assert (group == group_of(splits, True)) != bool(masked)
+
+
+def test_a_mask_only_later_batches_have_is_found_and_a_deterministic_site_is_no_observation():
+    from pyro import poutine
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            probs = pyro.deterministic("probs", torch.sigmoid(z)[..., None].expand(*z.shape, 6))
+            with poutine.mask(mask=x[:, 0] >= 0):  # rows whose first entry is missing (−1) are left out
+                pyro.sample("x", dist.Bernoulli(probs).to_event(1), obs=x.clamp(min=0))
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    x = (torch.rand(600, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    ev = ppvae.evaluate(model, x, guide=guide, num_samples=4, seed=0)
+    assert ev.masked == () and ev.discrete and ev.bits_per_dim is not None  # pyro.deterministic is not observed
+    x[400:, 0] = -1.0  # missing entries only after the first batch of 256 rows
+    ev = ppvae.evaluate(model, x, guide=guide, num_samples=4, seed=0)
+    assert ev.masked == ("x",) and ev.bits_per_dim is None and ev.mask_key is None
+
+
+def test_pairs_whose_masks_keep_the_same_elements_share_a_group():
+    from ppvae.compare.cells import group_of
+
+    splits = ppvae.data.load("digits", binarize="static")
+    x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    def scored(kind, seed):
+        model, guide = _masked_pair(kind)
+        return ppvae.evaluate(model, x, guide=guide, num_samples=4, seed=seed)
+
+    first, second, other = scored("mask()", 0), scored("mask()", 1), scored("poutine.mask", 0)
+    key = {ev.mask_key for ev in (first, second)}
+    assert len(key) == 1 and None not in key and other.mask_key not in key | {None}
+    groups = [group_of(splits, ev.discrete, ev.masked, ev.mask_key, label) for ev, label in
+              ((first, "a"), (second, "b"), (other, "c"))]  # fmt: skip
+    assert groups[0] == groups[1] != groups[2] and "masks" in groups[0]

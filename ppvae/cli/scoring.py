@@ -20,6 +20,7 @@ from ppvae.diagnostics.config import DiagnoseConfig, part_configs, part_settings
 from ppvae.diagnostics.diagnosis import Diagnosis, diagnose
 from ppvae.diagnostics.evaluation import evaluate
 from ppvae.errors import ConfigError
+from ppvae.infer.observed import name_sites
 from ppvae.report.text import format_table
 
 __all__ = ["add_evaluate_args", "add_diagnose_args", "diagnose_config", "evaluate_command", "diagnose_command"]
@@ -161,7 +162,7 @@ def _evaluation_rows(ev: dict) -> list[tuple[str, str, str]]:
     if "bits_per_dim" in ev:
         rows.append(("bits/dim", pm("bits_per_dim", 4, ""), f"−log₂ p̂(x) / D, from IWAE_{s}"))
     elif ev.get("masked_sites"):
-        masked = ", ".join(ev["masked_sites"])
+        masked = name_sites(ev["masked_sites"])
         rows.append(("bits/dim", "n/a", f"site {masked} masks some elements: log p̂ is of the ones it keeps"))
     else:
         rows.append(("bits/dim", "n/a", "the likelihood is a density: bits/dim would not be comparable"))

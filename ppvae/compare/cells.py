@@ -44,6 +44,7 @@ from ppvae.diagnostics import arviz_io
 from ppvae.diagnostics.diagnosis import diagnose
 from ppvae.errors import ConfigError
 from ppvae.infer.config import FitConfig
+from ppvae.infer.observed import name_sites
 from ppvae.infer.pair import as_pair
 from ppvae.infer.train import fit
 from ppvae.io import load, read, save
@@ -243,17 +244,26 @@ def _key_part(obj: Any) -> str:
     return f"{type(obj).__qualname__}:{obj!r}"
 
 
-def group_of(splits: DataSplits, discrete: bool | None, masked: Sequence[str] = (), label: str | None = None) -> str:
+def group_of(
+    splits: DataSplits,
+    discrete: bool | None,
+    masked: Sequence[str] = (),
+    mask_key: str | None = None,
+    label: str | None = None,
+) -> str:
     """Comparability group: cells are ranked only against cells scored as the same kind of number.
 
     Binarized data (Bernoulli) never rank against grey levels, a static binarization never against a dynamic one,
     probability masses never against densities (a user's pair with a density likelihood on grey levels included).
     A pair that masks elements of its observations out of the density (``masked``: a conditional model scoring the
-    pixels it predicts, missing entries) scores a probability of fewer elements than the others: it is a group of
-    its own (named by ``label``), unless the caller names a group for pairs known to keep the same elements.
+    pixels it predicts, missing entries) scores a probability of fewer elements than the others: it ranks only
+    against pairs whose masks on the first scored batch are the same (``mask_key``, e.g. a CVAE and its baseline on
+    the same hidden quadrants), or, without a key, is a group of its own (named by ``label``).
     """
     if masked:
-        sites = ", ".join(masked)
+        sites = name_sites(masked)
+        if mask_key:
+            return f"{splits.name}: probability of the elements its masks keep ({sites} masked; masks {mask_key})"
         return f"{splits.name}: {label or 'a model'}'s probability of the elements it keeps ({sites} masked)"
     if discrete is None:
         return f"{splits.name}: a score of unknown kind (the model does not say whether it is a mass or a density)"
@@ -451,7 +461,7 @@ def score(
     ev = d.evaluation
     if not np.isfinite(ev.log_px).any():
         raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
-    group = group or group_of(splits, ev.discrete, ev.masked, label)
+    group = group or group_of(splits, ev.discrete, ev.masked, ev.mask_key, label)
     out = {"diagnosis": d.to_dict(), "group": group, "num_test": len(rows)}
     out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)

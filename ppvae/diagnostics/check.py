@@ -36,6 +36,7 @@ from ppvae.diagnostics.diagnosis import diagnose
 from ppvae.diagnostics.findings import Finding
 from ppvae.errors import PPVAEError
 from ppvae.infer.eval_mode import scoring_mode
+from ppvae.infer.observed import name_sites
 from ppvae.infer.pair import as_pair
 
 __all__ = ["ModelCheck", "check_model"]
@@ -122,7 +123,17 @@ def _check_scoring(model: Any, guide: Any, batch: Any, data_plate: str, say: Cal
             return False
     for w in dict.fromkeys(str(w.message) for w in caught):
         say(Finding("scoring-warning", "warning", w))
-    if ev.discrete:
+    if ev.masked:
+        say(
+            Finding(
+                "masked",
+                "note",
+                f"{name_sites(ev.masked)} masks some observed elements: log p̂ is a probability of the elements it "
+                "keeps, not of the whole datapoint, so no bits/dim, and compare ranks the pair only with pairs whose "
+                "masks keep the same elements",
+            )
+        )
+    elif ev.discrete:
         say(
             Finding(
                 "discrete",

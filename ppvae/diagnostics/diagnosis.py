@@ -35,6 +35,7 @@ from ppvae.diagnostics.evaluation import Evaluation, evaluate
 from ppvae.diagnostics.findings import Finding
 from ppvae.diagnostics.parts import PartInput
 from ppvae.errors import ConfigError, NotApplicable, PPVAEError, describe_out_of_memory, is_out_of_memory
+from ppvae.infer.observed import name_sites
 from ppvae.report.text import format_table
 
 __all__ = ["Diagnosis", "diagnose", "importance_ess"]
@@ -133,7 +134,7 @@ class Diagnosis:
         if "bits_per_dim" in ev:
             rows.append(("bits/dim", f"{ev['bits_per_dim']:.4f}", f"from log p̂ (IWAE_{s})"))
         elif ev.get("masked_sites"):
-            rows.append(("masked", ", ".join(ev["masked_sites"]), "log p̂ is of the unmasked elements; no bits/dim"))
+            rows.append(("masked", name_sites(ev["masked_sites"]), "log p̂ is of the unmasked elements; no bits/dim"))
         rows += [
             ("PSIS k̂ median / 90%", f"{d['khat_median']:.2f} / {d['khat_p90']:.2f}", "< 0.5 good"),
             (

@@ -60,6 +60,8 @@ class Evaluation:
         discrete: whether the likelihood is a probability mass (bits/dim are then meaningful).
         masked: observed sites with elements masked out of the density; then log p̂ is a probability of the
             elements kept, not of the whole datapoint, and bits/dim (÷ ``data_dim``) are not reported.
+        mask_key: a hash of the masks on the first batch scored (``ppvae.infer.observed.mask_fingerprint``): pairs
+            with the same key, scored on the same data, keep the same elements of it (None: not masked there).
         particles: how the particles were drawn: ``"vectorized"`` (all in one pass) or ``"sequential (why)"``
             (one at a time, for a pair that does not broadcast over a leading particle dim).
         enumerated: how sites marked for enumeration were scored: ``"summed: y, ..."`` (exactly, the ELBO then
@@ -78,6 +80,7 @@ class Evaluation:
     particles: str | None = None
     enumerated: str | None = None
     masked: tuple[str, ...] = ()
+    mask_key: str | None = None
 
     @property
     def summed(self) -> bool:
@@ -282,6 +285,7 @@ def _iter_log_weights(
                     max_plate_nesting=nesting,
                     enumerate=enumerate_sites,
                     with_elbo=True,
+                    masked=info.setdefault("masked", []),  # every batch's: a mask may leave the first batch whole
                 )
                 try:
                     lw, elbo = weigh(vectorize=vectorize)
@@ -305,7 +309,7 @@ def _enumeration(model: Callable, guide: Callable, batch: tuple, data_plate: str
     """Whether sites the pair marks for enumeration are summed (recorded in ``info``, with the data's kind)."""
     with fork_rngs():  # the trial's draws leave the evaluation's own draws as they were without it
         trial = scoring_trial(model, guide, *batch, data_plate=data_plate, max_plate_nesting=nesting)
-    info["discrete"], info["masked"] = trial.discrete, trial.masked
+    info["discrete"], info["mask_key"] = trial.discrete, trial.mask_key
     if trial.enumerated:
         info["enumerated"] = f"summed: {', '.join(trial.enumerated)}"
     elif trial.sampled_because:
@@ -484,6 +488,7 @@ def evaluate(
         particles=info.get("particles"),
         enumerated=info.get("enumerated"),
         masked=tuple(info.get("masked", ())),
+        mask_key=info.get("mask_key"),
     )
 
 

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ppvae.errors import ConfigError, PPVAEError
 from ppvae.infer.enumerated import enumerable, enumerated_scores, is_enumerated
-from ppvae.infer.observed import discrete_support, masked_sites
+from ppvae.infer.observed import discrete_support, mask_fingerprint, masked_sites
 
 __all__ = ["log_weights", "plate_nesting", "particles_broadcast", "scoring_trial", "ScoringTrial"]
 
@@ -96,6 +96,7 @@ def log_weights(
     scaled: bool = False,
     enumerate: bool = False,
     with_elbo: bool = False,
+    masked: list[str] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Importance log-weights ``(N, S)`` in nats, differentiable w.r.t. model and guide parameters.
@@ -115,6 +116,8 @@ def log_weights(
         with_elbo: return ``(lw, elbo)``, both ``(N, S)``: ``elbo[i, s]`` is particle s's term of the pair's ELBO,
             which is ``lw`` except where a guide site is enumerated (the ELBO then averages under q's
             probabilities of its values, as ``TraceEnum_ELBO`` does, while ``lw`` sums over them).
+        masked: a list that gets the names of observed sites with masked elements in this batch's runs
+            (:func:`ppvae.infer.observed.masked_sites`) not already in it; a mask may depend on the batch.
 
     Raises:
         ConfigError: a pair whose weights would mean nothing: no observed site, a site outside the data plate, a
@@ -126,20 +129,16 @@ def log_weights(
         raise ConfigError("enumerate=True scores the model's own densities; it cannot be combined with scaled=True")
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, *args, **kwargs)
+    def run(particles: int | None) -> tuple[Trace, Trace]:
+        traces = _run(model, guide, args, kwargs, particles, max_plate_nesting, enumerate=enumerate)
+        if masked is not None:
+            masked.extend(n for n in masked_sites(traces[0]) if n not in masked)
+        return traces
+
     if vectorize:
-        traces = _run(model, guide, args, kwargs, num_samples, max_plate_nesting, enumerate=enumerate)
-        lw, elbo = _weights(*traces, data_plate, max_plate_nesting, num_samples, scaled)
+        lw, elbo = _weights(*run(num_samples), data_plate, max_plate_nesting, num_samples, scaled)
     else:
-        parts = [
-            _weights(
-                *_run(model, guide, args, kwargs, None, max_plate_nesting, enumerate=enumerate),
-                data_plate,
-                max_plate_nesting,
-                None,
-                scaled,
-            )
-            for _ in range(num_samples)
-        ]
+        parts = [_weights(*run(None), data_plate, max_plate_nesting, None, scaled) for _ in range(num_samples)]
         lw, elbo = (torch.cat([p[k] for p in parts]) for k in (0, 1))
     if with_elbo:
         return lw.transpose(0, 1), elbo.transpose(0, 1)
@@ -201,12 +200,14 @@ class ScoringTrial:
         sampled_because: why marked sites are drawn instead (an unbiased importance sample), or None.
         discrete: whether the observed sites have discrete supports (:func:`ppvae.infer.observed.discrete_support`).
         masked: the observed sites with elements masked out of the density (:func:`ppvae.infer.observed.masked_sites`).
+        mask_key: a hash of those masks on this batch (:func:`ppvae.infer.observed.mask_fingerprint`), or None.
     """
 
     enumerated: tuple[str, ...]
     sampled_because: str | None
     discrete: bool | None
     masked: tuple[str, ...] = ()
+    mask_key: str | None = None
 
 
 def scoring_trial(
@@ -225,7 +226,7 @@ def scoring_trial(
     except Exception as err:  # noqa: BLE001 - a pair that cannot run enumerated is sampled, and told why
         reason = f"running it enumerated raised {type(err).__name__}: {_first_line(err)}"
         model_trace, guide_trace = _run(model, guide, args, kwargs, None, max_plate_nesting)
-    discrete, masked = discrete_support(model_trace), masked_sites(model_trace)
+    discrete, masked, key = discrete_support(model_trace), masked_sites(model_trace), mask_fingerprint(model_trace)
     marked = (
         n
         for tr in (guide_trace, model_trace)
@@ -234,7 +235,7 @@ def scoring_trial(
     )
     names = tuple(dict.fromkeys(marked))
     if not names:
-        return ScoringTrial((), None, discrete, masked)
+        return ScoringTrial((), None, discrete, masked, key)
     reason = reason or enumerable(model_trace, guide_trace)
     if reason is None:
         try:
@@ -245,7 +246,7 @@ def scoring_trial(
             raise
         except Exception as err:  # noqa: BLE001 - a pair that cannot be enumerated is sampled, and told why
             reason = f"summing over them raised {type(err).__name__}: {_first_line(err)}"
-    return ScoringTrial(names if reason is None else (), reason, discrete, masked)
+    return ScoringTrial(names if reason is None else (), reason, discrete, masked, key)
 
 
 def _run(

@@ -8,7 +8,8 @@ by running it once and reading the ``support`` of every observed site's distribu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -17,7 +18,17 @@ from pyro import poutine
 
 from ppvae._rng import fork_rngs
 
-__all__ = ["observed_sites", "observed_discrete", "discrete_support", "masked_sites", "observed_masked"]
+__all__ = [
+    "observed_sites",
+    "observed_discrete",
+    "discrete_support",
+    "masked_sites",
+    "observed_masked",
+    "mask_fingerprint",
+    "site_masks",
+    "is_masked",
+    "name_sites",
+]
 
 
 def observed_sites(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
@@ -60,27 +71,55 @@ def masked_sites(model_trace: Any) -> tuple[str, ...]:
     model predicts, the entries of a matrix that are not missing), not of the whole datapoint: its log p̂ neither
     divides by the data's size into bits/dim nor ranks against a model of every element.
     """
-    names = []
-    for name, site in _observed(model_trace).items():
-        masks, fn = [site.get("mask")], site["fn"]
-        while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
-            if isinstance(fn, dist.MaskedDistribution):
-                masks.append(fn._mask)
-            fn = fn.base_dist
-        if any(m is not None and not _all_true(m) for m in masks):
-            names.append(name)
-    return tuple(names)
+    return tuple(name for name, site in _observed(model_trace).items() if is_masked(site))
 
 
-def _all_true(mask: Any) -> bool:
-    return bool(mask.all()) if isinstance(mask, torch.Tensor) else bool(mask)
+def name_sites(names: Sequence[str], most: int = 3) -> str:
+    """``"x_1, x_2, x_3 and 97 more"``: site names for a sentence (a ``pyro.markov`` model has one per step)."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def site_masks(site: dict) -> list[Any]:
+    """A sample site's masks: the ``poutine.mask`` on it and those of the ``MaskedDistribution`` wrappers of its
+    distribution (bools or bool tensors; None where there is none)."""
+    masks, fn = [site.get("mask")], site["fn"]
+    while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
+        if isinstance(fn, dist.MaskedDistribution):
+            masks.append(fn._mask)
+        fn = fn.base_dist
+    return [m for m in masks if m is not None]
+
+
+def is_masked(site: dict) -> bool:
+    """Whether some element of the site's log-density is masked out."""
+    return any(not (bool(m.all()) if isinstance(m, torch.Tensor) else bool(m)) for m in site_masks(site))
+
+
+def mask_fingerprint(model_trace: Any) -> str | None:
+    """A hash of the masked observed sites' names, masks and value shapes in ``model_trace`` (None when none is
+    masked): two pairs scored on the same batch with the same fingerprint keep the same elements of it."""
+    sites = {name: site for name, site in _observed(model_trace).items() if is_masked(site)}
+    if not sites:
+        return None
+    digest = hashlib.sha256()
+    for name, site in sites.items():
+        digest.update(f"{name}:{tuple(site['value'].shape)}".encode())
+        for m in site_masks(site):
+            t = torch.as_tensor(m, dtype=torch.bool).detach().cpu()
+            digest.update(f"{tuple(t.shape)}".encode() + t.numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _observed(model_trace: Any) -> dict[str, dict]:
+    # pyro.factor is a Unit and pyro.deterministic a masked Delta: neither is an observation of the data
     return {
         name: site
         for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"] and not isinstance(_base(site["fn"]), dist.Unit)
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not isinstance(_base(site["fn"]), dist.Unit)
+        and not site["infer"].get("_deterministic")
     }
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppvae.errors import ConfigError, NotApplicable
+from ppvae.infer.observed import is_masked
 
 __all__ = [
     "Sites",
@@ -169,7 +169,7 @@ def discover_sites(
         else:
             local.append(name)
             sizes[name] = site_rows(site, data_plate).shape[1]
-            if _masked_somewhere(site):
+            if is_masked(site):
                 masked.append(name)
     if data_plate not in plates:
         raise NotApplicable(
@@ -191,18 +191,6 @@ def discover_sites(
         sizes,
         tuple(masked),
     )
-
-
-def _masked_somewhere(site: dict) -> bool:
-    """Whether the site's log-density is masked out anywhere: a ``poutine.mask`` on the site, or a
-    ``MaskedDistribution`` among its distribution's wrappers."""
-    masks = [site.get("mask")]
-    fn = site["fn"]
-    while isinstance(fn, (dist.MaskedDistribution, dist.Independent)):
-        if isinstance(fn, dist.MaskedDistribution):
-            masks.append(fn._mask)
-        fn = fn.base_dist
-    return any(m is not None and not (m is True or (torch.is_tensor(m) and bool(m.all()))) for m in masks)
 
 
 def data_axis(site: dict, plate: str) -> int:
