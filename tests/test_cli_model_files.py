@@ -190,3 +190,15 @@ def test_flags_that_would_be_ignored_are_refused(argv, match, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2 and match in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_refuses_a_run_on_another_data_plate_in_one_line(tmp_path, capsys):
+    _write(tmp_path, plate="batch")
+    argv = ["train", "--model", str(tmp_path / "tutorial_vae.py"), "--dataset", "digits", "--binarize", "static"]
+    argv += ["--latent-dim", "2", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--data-plate", "batch"]) == 0
+    capsys.readouterr()
+    grid = ["compare", "--dataset", "digits", "--binarize", "static", "--epochs", "1", "--runs", str(tmp_path / "run")]
+    assert main([*grid, "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data-plate batch" in err and not (tmp_path / "cmp").exists()

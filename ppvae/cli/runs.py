@@ -142,6 +142,11 @@ def runs_for_grid(runs: Sequence[str], splits: datamod.DataSplits) -> dict[str, 
             raise ConfigError(f"--runs {run}: no such run (a directory of ppvae train holding model.pt, or the file)")
         model, stored = load_run(run)
         meta = RunMeta.from_dict(stored)
+        if meta.data_plate not in (None, "data"):
+            raise ConfigError(
+                f"--runs {run} was trained with --data-plate {meta.data_plate}, and compare scores every model on the "
+                "plate 'data'; score it with ppvae diagnose instead, or rename its plate to 'data'"
+            )
         trained_on = _splits_of(meta, path)
         if (trained_on.name, trained_on.binarize) != (splits.name, splits.binarize) or not _same(trained_on, splits):
             raise ConfigError(

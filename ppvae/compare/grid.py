@@ -415,38 +415,46 @@ def _run(
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its thread pools can deadlock
     # Each worker process runs one cell at a time and, when the cell returns, takes the next (spawning a process and
     # importing torch and Pyro costs seconds per cell); a cell that kills its worker (out of memory, a crash in
-    # native code) fails alone, as no other cell is queued in that process, and a fresh process takes its place.
-    queue, running, idle = list(todo), {}, []
+    # native code) fails alone, as no other cell is queued in that process, and a fresh process takes its place. A
+    # cell whose reused worker dies runs once more in a fresh process (the worker may have died idle, before the
+    # cell reached it), so a cell that kills its worker fails after at most two tries.
+    queue, running, idle, again = list(todo), {}, [], set()
     try:
         while queue or running:
             while queue and len(running) < workers:
-                i, task = queue.pop(0), None
+                i, task, reused = queue.pop(0), None, False
                 while idle and task is None:
                     pool = idle.pop()
                     try:
-                        task = pool.submit(_worker_cell, cells[i], settings, dirs[i])
+                        task, reused = pool.submit(_worker_cell, cells[i], settings, dirs[i]), True
                     except BrokenProcessPool:  # its process died between cells (killed while idle): drop it
                         pool.shutdown(wait=False)
                 if task is None:
                     pool = _worker_pool(ctx, data, threads)
                     task = pool.submit(_worker_cell, cells[i], settings, dirs[i])
-                running[task] = (i, pool)
+                running[task] = (i, pool, reused)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                i, pool = running.pop(future)
+                i, pool, reused = running.pop(future)
                 try:
                     result = future.result()
                     idle.append(pool)
                 except Exception as err:  # noqa: BLE001 - the worker died: this cell failed, the grid goes on
+                    pool.shutdown(wait=False)
+                    if reused and isinstance(err, BrokenProcessPool) and i not in again:
+                        # A reused worker may have died idle, before this cell reached it: the cell goes once more,
+                        # to a fresh process, and fails only if that one dies too.
+                        again.add(i)
+                        queue.insert(0, i)
+                        continue
                     result = {"label": cells[i].label(), "status": "failed", "cell": _cell_record(cells[i])}
                     result["error"] = f"worker process died ({type(err).__name__}: {err}); rerun with jobs=1 to see why"
                     write_json_atomic(dirs[i] / "result.json", result)
-                    pool.shutdown(wait=False)
                 yield i, result
     finally:
         for pool in idle:
             pool.shutdown(wait=False)
-        for _, pool in running.values():
+        for _, pool, _ in running.values():
             pool.shutdown(wait=False, cancel_futures=True)
 
 
