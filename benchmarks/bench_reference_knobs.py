@@ -1,4 +1,4 @@
-"""What the joint NUTS reference's knobs cost: leapfrog steps per stage, retries and ESS on 50 Fashion-MNIST images.
+"""What the joint NUTS reference's knobs cost: potential calls per stage, retries and ESS on 50 Fashion-MNIST images.
 
 The model and data are ``bench_reference.py``'s (load a saved VAE with ``--model``). One variant per call, on one
 thread; the number of potential evaluations per stage (the pilot, depth-capped, and the main stage) does not depend
@@ -8,7 +8,11 @@ on the machine's load, so variants can run side by side and be compared on those
 - ``acceptP``: NUTS's target acceptance probability P in both stages;
 - ``pilotF``: the first stage keeps F × its draws for the re-whitening;
 - ``depthN``: the first stage's tree depth capped at N;
-- ``drawsN``: N draws per chain.
+- ``drawsN``: N draws per chain;
+- ``nopilot``: no first stage (one stage of NUTS, all the warm-up on the Laplace or guide whitening);
+- ``perrunN``: N datapoints per joint run (``reference_points_per_run``; default 50);
+- ``laplaceN``: at most N Newton iterations for the Laplace whitening (``laplace0``: the guide's whitening alone);
+  its count is one potential call per iteration, each with D more Hessian-vector products.
 
     python benchmarks/bench_reference_knobs.py base --model /tmp/fm1.ppvae
     python benchmarks/bench_reference_knobs.py accept0.65,draws700 --model /tmp/fm1.ppvae
@@ -33,7 +37,7 @@ from ppvae.diagnostics import nuts_batch, reference  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variant", help="base, or comma-separated acceptP, pilotF, depthN, drawsN")
+    parser.add_argument("variant", help="base, or comma-separated variants (the list above)")
     parser.add_argument("--points", type=int, default=50)
     parser.add_argument("--model", default=None, help="a saved ppvae.VAE (default: train one for 1 epoch)")
     args = parser.parse_args()
@@ -41,7 +45,7 @@ def main() -> None:
     counts: dict[str, int] = {}
     seconds: dict[str, float] = {}
     stage = ["main"]
-    draws, pilot_fraction = 1000, 1.0
+    draws, pilot_fraction, per_run = 1000, 1.0, reference.ReferenceConfig.points_per_run
 
     vae_potential = reference._vae_potential
 
@@ -65,7 +69,16 @@ def main() -> None:
         seconds[stage[0]] = seconds.get(stage[0], 0.0) + time.perf_counter() - t
         return out
 
-    reference._vae_potential, nuts_batch._nuts = counting, timed
+    laplace = nuts_batch.laplace_whitening
+
+    def timed_laplace(*a, **kw):
+        stage[0] = "laplace"
+        t = time.perf_counter()
+        out = laplace(*a, **kw)
+        seconds["laplace"] = seconds.get("laplace", 0.0) + time.perf_counter() - t
+        return out
+
+    reference._vae_potential, nuts_batch._nuts, nuts_batch.laplace_whitening = counting, timed, timed_laplace
     for part in args.variant.split(","):
         if part.startswith("accept"):
             accept, kernel = float(part[6:]), nuts_batch.NUTS
@@ -74,6 +87,12 @@ def main() -> None:
             pilot_fraction = float(part[5:])
         elif part.startswith("depth"):
             nuts_batch.PILOT_DEPTH = int(part[5:])
+        elif part.startswith("perrun"):
+            per_run = int(part[6:])
+        elif part == "nopilot":
+            nuts_batch.PILOT_MIN_WARMUP = 10**9
+        elif part.startswith("laplace"):
+            nuts_batch.LAPLACE_ITER = int(part[7:])
         elif part.startswith("draws"):
             draws = int(part[5:])
         elif part != "base":
@@ -82,7 +101,8 @@ def main() -> None:
     vae = build_vae(splits, 1, args.model)
     x = torch.as_tensor(splits.test[:1000])
     t0 = time.perf_counter()
-    ref = reference.reference_posterior(vae, x, num_points=args.points, num_warmup=450, num_samples=draws, seed=0)
+    ref = reference.reference_posterior(vae, x, num_points=args.points, num_warmup=450, num_samples=draws,
+                                        points_per_run=per_run, seed=0)  # fmt: skip
     bulk = ref.ess.min(1)
     print(json.dumps({
         "variant": args.variant, "points": args.points, "seconds": round(time.perf_counter() - t0, 1),

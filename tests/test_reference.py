@@ -248,3 +248,72 @@ def test_whitening_floors_a_coordinate_the_guide_does_not_vary_in_both_of_its_fo
         np.testing.assert_allclose(scales[:, :3], draws.std(0)[:, :3], rtol=1e-4)
         u = draws[0]
         torch.testing.assert_close(white(white.inverse(u)), u)
+
+
+def test_the_laplace_whitening_of_gaussian_posteriors_is_their_exact_mean_and_covariance():
+    # Each linear-Gaussian posterior is its own Laplace approximation: from a guide wrong for every datapoint (mean
+    # (1, -1), sd 0.3, against sds from 0.007 to 0.7) the refined whitening must be each datapoint's exact Gaussian.
+    from ppvae.diagnostics.nuts_batch import guide_particles, laplace_whitening, model_layout, pair_potential, whitening
+
+    pyro.set_rng_seed(0)
+    noise = torch.logspace(-2, 0.5, 10)
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(3))
+    x = z @ W2.T + noise[:, None] * torch.randn(10, 6, generator=torch.Generator().manual_seed(4))
+    layout, start = model_layout(noisy_model, poor_guide, (x, noise), "data")
+    guide_white = whitening(guide_particles(noisy_model, poor_guide, (x, noise), layout, 100))
+    potential = pair_potential(noisy_model, (x, noise), layout, start, None)
+    white = laplace_whitening(potential, layout, guide_white, max_iter=20)
+    mean, cov = exact_noisy_posterior(x, noise)
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    np.testing.assert_allclose(white.loc.numpy(), mean, atol=1e-3 * sd.max(), rtol=0)
+    np.testing.assert_allclose((white.loc.numpy() - mean) / sd, 0.0, atol=1e-3)
+    got = (white.tril @ white.tril.mT).double().numpy()
+    np.testing.assert_allclose(got / (sd[:, :, None] * sd[:, None, :]), cov / (sd[:, :, None] * sd[:, None, :]),
+                               atol=1e-3)  # fmt: skip
+    assert np.abs(guide_white.loc.numpy() - mean).max() > 0.5  # the guide's whitening was far from it
+
+
+def test_a_datapoint_without_a_laplace_approximation_keeps_the_guide_whitening():
+    # Datapoint 1's potential is flat in its second coordinate (no mode, a singular Hessian): it keeps the guide's
+    # whitening, while datapoint 0, a Gaussian N((2, -1), diag(0.5², 0.25²)), gets its own.
+    from ppvae.diagnostics.nuts_batch import Layout, Whitening, laplace_whitening
+
+    identity = torch.distributions.transforms.identity_transform
+    layout = Layout(("z",), {"z": torch.Size([2, 2])}, {"z": 0}, {"z": identity}, {"z": 1})
+    guide_white = Whitening(torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2).clone())
+    centre, scale = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.25])
+
+    def potential(params):
+        z = params["z"]
+        return 0.5 * (((z[0] - centre) / scale) ** 2).sum() + 0.5 * (z[1, 0] - 3.0) ** 2
+
+    white = laplace_whitening(potential, layout, guide_white, max_iter=20)
+    torch.testing.assert_close(white.loc[0], centre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(white.tril[0], torch.diag(scale), atol=1e-4, rtol=0)
+    torch.testing.assert_close(white.loc[1], guide_white.loc[1])
+    torch.testing.assert_close(white.tril[1], guide_white.tril[1])
+    assert laplace_whitening(potential, layout, guide_white, max_iter=0) is guide_white
+
+
+def test_one_datapoint_without_a_finite_hessian_leaves_the_others_their_laplace_whitening():
+    # Datapoint 1's potential has an infinite second derivative where Newton starts (|z|^1.5 at 0): it is frozen and
+    # keeps the guide's whitening, and datapoints 0 and 2, Gaussians far from the guide's mean, still get their own.
+    from ppvae.diagnostics.nuts_batch import Layout, Whitening, laplace_whitening
+
+    identity = torch.distributions.transforms.identity_transform
+    layout = Layout(("z",), {"z": torch.Size([3, 2])}, {"z": 0}, {"z": identity}, {"z": 1})
+    guide_white = Whitening(torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2).clone())
+    centre = torch.tensor([[6.0, -1.0], [0.0, 0.0], [-9.0, 2.0]])
+    scale = torch.tensor([[0.5, 2.0], [1.0, 1.0], [0.05, 0.3]])
+
+    def potential(params):
+        z = params["z"]
+        gauss = 0.5 * (((z - centre) / scale)[[0, 2]] ** 2).sum()
+        return gauss + 0.5 * (z[1] ** 2).sum() + z[1, 0].abs() ** 1.5
+
+    white = laplace_whitening(potential, layout, guide_white, max_iter=20)
+    for k in (0, 2):
+        torch.testing.assert_close(white.loc[k], centre[k], atol=1e-3 * float(scale[k].min()), rtol=0)
+        torch.testing.assert_close(white.tril[k], torch.diag(scale[k]), atol=1e-3 * float(scale[k].max()), rtol=0)
+    torch.testing.assert_close(white.loc[1], guide_white.loc[1])
+    torch.testing.assert_close(white.tril[1], guide_white.tril[1])

@@ -15,10 +15,12 @@ w. This is the preconditioning that neural-transport HMC draws from a variationa
 with the amortized guide as the fit. The map is affine with a constant Jacobian, so the draws of u are exact
 posterior draws whatever the guide's quality; a poor guide only makes sampling slower. Because an amortized
 mean-field guide misses the posterior's correlations, the warm-up re-whitens each datapoint with the mean and
-covariance of a first stage of NUTS draws (:func:`sample_joint`), and Pyro's diagonal mass-matrix adaptation then
-corrects what scale remains wrong, coordinate by coordinate. What stays shared is the step size: a datapoint whose
-posterior is far from Gaussian (multimodal, heavy-tailed) can still mix badly. Convergence is therefore read per
-datapoint (:mod:`ppvae.diagnostics.reference`), and the datapoints that fail are sampled again, apart from the others.
+covariance of a first stage of NUTS draws (:func:`sample_joint`; a Laplace approximation per datapoint,
+:func:`laplace_whitening`, can refine the guide's whitening before it, off by default), and Pyro's diagonal
+mass-matrix adaptation corrects what scale remains wrong, coordinate by coordinate. What stays shared is the step
+size: a datapoint whose posterior is far from Gaussian (multimodal, heavy-tailed) can still mix badly. Convergence is
+therefore read per datapoint (:mod:`ppvae.diagnostics.reference`), and the datapoints that fail are sampled again,
+apart from the others. R̂ over two chains cannot see a mode that neither of them reaches.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ _PARTICLES = "_ppvae_reference_particles"
 # Trajectories of the first stage stop at 2^5 − 1 leapfrog steps: its draws only estimate a covariance, and on a
 # poor guide's whitening, before the mass matrix is adapted, NUTS would run up to 1023 steps per iteration.
 PILOT_DEPTH = 5
+PILOT_MIN_WARMUP = 30  # warm-up iterations below which there is no first stage
+# Newton iterations for each run's Laplace approximation (:func:`laplace_whitening`) before the first stage; 0, the
+# default, keeps the guide's whitening. On 50 Fashion-MNIST posteriors the Laplace start did not measurably cut the
+# gradients (the first stage's count moved by ±15% between runs, as much as chance moves it) and it starts every
+# chain near one mode, where R̂ over two chains sees less (benchmarks/RESULTS.md): a knob to measure, not a default.
+LAPLACE_ITER = 0
+_LAPLACE_TOL = 1e-4  # Newton decrement at which a mode counts as found: within 0.01 of its sd in every direction
+_LAPLACE_MAX_STEP = 4.0  # whitened units (the guide's sds) a datapoint moves per Newton iteration, at most
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,103 @@ def whitening(draws: Tensor, dense_max: int = DENSE_MAX) -> Whitening:
     return Whitening(loc.to(draws.dtype), torch.diag_embed(sd).to(draws.dtype))
 
 
+def laplace_whitening(
+    potential: Callable[[dict[str, Tensor]], Tensor], layout: Layout, white: Whitening, max_iter: int | None = None
+) -> Whitening:
+    """Each datapoint's Laplace approximation, found from ``white`` (the guide's whitening): the mode of its
+    posterior and the inverse of the potential's Hessian there, ``u_k ≈ N(û_k, H_k⁻¹)`` (MacKay 2003, ch. 27).
+
+    The potential is a sum over datapoints, so its Hessian is block diagonal, and D Hessian-vector products give
+    every datapoint's ``(D, D)`` block at once. The modes are found by Newton's method in the whitened coordinates,
+    from the guide's mean: every datapoint's step is ``−|H_k|⁻¹ g_k`` (eigenvalues taken in absolute value, so a
+    step away from a saddle still descends; Dauphin et al. 2014), at most ``_LAPLACE_MAX_STEP`` long, scaled by one
+    backtracking factor for the summed potential (Armijo) until every datapoint is in its quadratic region (Newton
+    decrement below 1e-2), and then taken whole. It stops when every datapoint's Newton decrement ``g_kᵀ|H_k|⁻¹g_k``
+    (its squared distance to the mode in the approximation's standard deviations) is below ``_LAPLACE_TOL``, after
+    ``max_iter`` (default ``LAPLACE_ITER``) iterations, or when no step decreases the potential. A datapoint keeps
+    the guide's whitening where its Hessian is not positive definite or its decrement not small at the end (no mode
+    found: a flat direction, a saddle), or where its gradient or Hessian is not finite (it is then left where it
+    is while the others move on); every datapoint keeps it when the potential is not twice differentiable, or has
+    more than ``DENSE_MAX`` coordinates per datapoint.
+    """
+    k, d = white.loc.shape
+    max_iter = LAPLACE_ITER if max_iter is None else max_iter
+    if d > DENSE_MAX or max_iter <= 0:
+        return white
+    dtype = white.loc.dtype
+
+    def value(v: Tensor) -> Tensor:
+        return potential(layout.unflatten(white(v)))
+
+    def curvature(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        v = v.detach().requires_grad_(True)
+        u = value(v)
+        (grad,) = torch.autograd.grad(u, v, create_graph=True)
+        # column j of every datapoint's block at once: the summed potential's Hessian times e_j in every row
+        cols = [torch.autograd.grad(grad[:, j].sum(), v, retain_graph=j < d - 1)[0] for j in range(d)]
+        hess = torch.stack(cols, dim=-1).detach().double()
+        return u.detach().double(), grad.detach().double(), 0.5 * (hess + hess.mT)
+
+    eye = torch.eye(d, dtype=torch.float64)
+    try:
+        with torch.enable_grad():
+            w = torch.zeros(k, d, dtype=torch.float64)
+            u, grad, hess = curvature(w.to(dtype))
+            live = torch.ones(k, dtype=torch.bool)  # datapoints still moved: a non-finite one is frozen, not all
+            for _ in range(max_iter):
+                live = live & torch.isfinite(grad).all(-1) & torch.isfinite(hess).flatten(1).all(-1)
+                if not (bool(live.any()) and torch.isfinite(u)):
+                    break
+                g = torch.where(live[:, None], grad, 0.0)
+                evals, evecs = torch.linalg.eigh(torch.where(live[:, None, None], hess, eye))
+                convex = bool((evals[live, 0] > 0).all())
+                scale = evals.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+                evals = evals.abs().clamp(min=1e-8 * scale)
+                newton = -(evecs @ ((evecs.mT @ g[..., None]) / evals[..., None]))[..., 0]
+                decrement = -(g * newton).sum(-1)  # g'|H|⁻¹g: squared distance to the mode, in its sds
+                if float(decrement.max()) < _LAPLACE_TOL:
+                    break
+                # At most MAX_STEP whitened units per datapoint and iteration (a trust region): a nearly flat
+                # direction's huge step must not make the one backtracking factor tiny for every datapoint.
+                length = newton.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+                step = newton * (_LAPLACE_MAX_STEP / length).clamp(max=1.0)
+                slope = -(g * step).sum()
+                if convex and float(decrement.max()) < 1e-2:
+                    # Every datapoint in its quadratic region: Newton's full step, without a line search, whose test
+                    # on the summed potential (thousands of nats) would not resolve the last digits in float32.
+                    trial = w + step
+                else:
+                    alpha, trial = 1.0, None
+                    for _ in range(30):  # backtracking on the summed potential, one factor for every datapoint
+                        candidate = w + alpha * step
+                        with torch.no_grad():
+                            new = value(candidate.to(dtype)).double()
+                        if torch.isfinite(new) and new <= u - 1e-4 * alpha * slope:
+                            trial = candidate
+                            break
+                        alpha *= 0.5
+                    if trial is None:
+                        break
+                w = trial
+                u, grad, hess = curvature(w.to(dtype))
+    except RuntimeError:  # not twice differentiable (a custom autograd function without a double backward)
+        return white
+    live = live & torch.isfinite(grad).all(-1) & torch.isfinite(hess).flatten(1).all(-1)
+    hess = torch.where(live[:, None, None], hess, eye)
+    grad = torch.where(live[:, None], grad, 0.0)
+    factor, info = torch.linalg.cholesky_ex(hess)
+    inverse_grad = torch.cholesky_solve(grad[..., None], torch.where((info == 0)[:, None, None], factor,
+                                        torch.eye(d, dtype=hess.dtype)))[..., 0]  # fmt: skip
+    ok = live & (info == 0) & ((grad * inverse_grad).sum(-1) < _LAPLACE_TOL) & torch.isfinite(w).all(-1)
+    factor = torch.where(ok[:, None, None], factor, torch.eye(d, dtype=hess.dtype))
+    cov = torch.cholesky_inverse(factor)  # H⁻¹ in the whitened coordinates
+    chol, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.mT))
+    ok = ok & (info == 0) & torch.isfinite(chol).flatten(1).all(1)
+    tril = torch.where(ok[:, None, None], white.tril.double() @ chol, white.tril.double()).to(white.tril.dtype)
+    loc = torch.where(ok[:, None], white(w.to(dtype)), white.loc)
+    return Whitening(loc, tril)
+
+
 def guide_particles(model: Callable, guide: Callable, args: tuple, layout: Layout, num: int) -> Tensor:
     """``(L, K, D)`` unconstrained draws of every latent in ``layout``: the guide's, and the model's given the
     guide's for the latents the guide does not sample. One vectorized run in a particle plate, or ``num`` runs for
@@ -224,7 +331,7 @@ def sample_joint(
     The guide's Gaussian is only a first whitening: an amortized mean-field guide misses the posterior's
     correlations, and joint NUTS then takes long trajectories of short steps (85 leapfrog steps per iteration for
     20 Fashion-MNIST posteriors, against about 21 after re-whitening; counted as ``benchmarks/RESULTS.md`` says).
-    So the warm-up is spent in two stages:
+    So the warm-up is spent in two stages (after :func:`laplace_whitening` when ``LAPLACE_ITER`` > 0):
 
     1. a third of it as Pyro's NUTS warm-up on the guide-whitened coordinates, a third as draws from that run;
     2. those draws, pooled over chains, re-estimate each datapoint's mean and covariance (:func:`whitening`), and
@@ -238,14 +345,16 @@ def sample_joint(
         potential: −log joint of the K datapoints, taking unconstrained site values (``layout``'s shapes).
         white: the whitening of each datapoint's coordinates from the guide (:func:`whitening`).
         num_warmup: warm-up iterations per chain, both stages together (none of them kept).
-        seeds: one seed per chain; each chain starts at a draw of ``w ~ N(0, I)`` (the guide's Gaussian).
+        seeds: one seed per chain; each chain starts at a draw of ``w ~ N(0, I)`` (the guide's Gaussian, or
+            a datapoint's Laplace Gaussian where one was found).
 
     Returns:
         ``(chains, num_samples, K, D)`` unconstrained draws.
     """
     dtype = white.loc.dtype
     seeds = list(seeds[:num_chains])
-    first = num_warmup // 3 if num_warmup >= 30 else 0
+    white = laplace_whitening(potential, layout, white)
+    first = num_warmup // 3 if num_warmup >= PILOT_MIN_WARMUP else 0
     starts = []
     for seed in seeds:
         pyro.set_rng_seed(seed)
