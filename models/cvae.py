@@ -20,8 +20,16 @@ Train one with (options: kind, quadrants, hidden)
         --model-option quadrants=1 --epochs 10 --out runs/cvae1
     ppvae evaluate runs/cvae1          # −log p̂ is the negative conditional log-likelihood
 
-``benchmarks/bench_cvae.py`` trains the baseline and the CVAE side by side for 1, 2 and 3 quadrants; its table is
-in the README's zoo and ``benchmarks/RESULTS.md``. The model cannot generate without an image to complete
+``benchmarks/bench_cvae.py`` trains the baseline and the CVAE side by side for 1, 2 and 3 quadrants (its table is
+in the README's zoo and ``benchmarks/RESULTS.md``). On binarized Fashion-MNIST, 10 epochs each (hidden 500, latent
+32; 2026-12-04, one thread), −log p̂(y | x_o) over the 10,000 test images (IWAE_100) was
+
+    quadrants shown        1       2       3
+    baseline           221.6   142.2    66.2   nats per image (exact: no latent)
+    CVAE               189.5   126.1    64.6
+
+and the tests check, on a synthetic two-mode completion, that the CVAE reaches near the exact log 1/2 where the
+baseline can only average (``tests/test_models.py``). The model cannot generate without an image to complete
 (``model(None)`` says so), so ``ppvae sample`` does not apply.
 """
 

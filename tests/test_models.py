@@ -4,6 +4,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pandas as pd
 import pyro
 import pytest
 import torch
@@ -107,7 +108,8 @@ def test_cvae_trains_scores_and_is_diagnosed_from_the_command_line(tmp_path, cap
     quick += ["--gap-steps", "20", "--reference-points", "1", "--reference-warmup", "20", "--reference-samples", "40"]
     assert main(["diagnose", run, *quick]) == 0
     out = capsys.readouterr().out
-    assert "masked" in out and "SBC" in out and "NUTS reference" in out and "amortization gap" in out
+    for row in ("masked ", "SBC p-value", "NUTS reference R-hat max", "amortization gap", "PSIS k̂ median"):
+        assert row in out, row  # every part ran on the model file's run
     assert main(["sample", run, "-n", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs one to take the shown quadrants" in err
@@ -121,17 +123,22 @@ def test_a_zoo_run_is_compared_beside_built_in_cells_in_a_group_of_its_own(tmp_p
 
     cheap = {**cli_compare.QUICK_DIAGNOSE, "reference": False, "gaps": False}
     monkeypatch.setattr(cli_compare, "QUICK_DIAGNOSE", cheap)
-    run = str(tmp_path / "cvae3")
+    run, baseline = str(tmp_path / "cvae3"), str(tmp_path / "baseline3")
     argv = ["train", "--model", str(MODELS / "cvae.py"), "--dataset", "digits", "--binarize", "static"]
     argv += ["--latent-dim", "2", "--epochs", "1", "--model-option", "hidden=16", "--model-option", "quadrants=3"]
     assert main([*argv, "--no-progress", "--out", run]) == 0
+    assert main([*argv, "--model-option", "kind=baseline", "--no-progress", "--out", baseline]) == 0
     grid = ["compare", "--dataset", "digits", "--binarize", "static", "--epochs", "1", "--latent-dim", "2"]
     grid += ["--num-samples", "20", "--max-test-points", "30", "--runs", run]
-    assert main([*grid, "--out", str(tmp_path / "cmp")]) == 0
+    assert main([*grid, baseline, "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
-    assert "and 1 trained run (cvae3)" in out and "scored: cvae3" in out
-    table = (tmp_path / "cmp" / "table.csv").read_text()
-    assert "cvae3" in table and "3 comparability groups" not in out and "2 comparability groups" in out
+    assert "and 2 trained runs (cvae3, baseline3)" in out and "scored: cvae3" in out
+    # the CVAE and its baseline keep the same pixels: ranked together, apart from the VAE cell's whole images
+    assert "2 comparability groups" in out and "probability of the elements its masks keep" in out
+    table = pd.read_csv(tmp_path / "cmp" / "table.csv").set_index("cell")
+    groups = table["group"]
+    assert groups["cvae3"] == groups["baseline3"] != groups["normal · bernoulli · normal"]
+    assert sorted(table.loc[["cvae3", "baseline3"], "rank"]) == [1, 2]
     # trained on another split (seed 0), so other test rows than this grid's (seed 1): refused, one line
     assert main([*grid, "--seed", "1", "--out", str(tmp_path / "cmp1")]) == 2
     err = capsys.readouterr().err.strip()
