@@ -311,7 +311,7 @@ def test_masked_observations_give_no_bits_per_dim_and_say_so(kind, masked):
     assert (ev.bits_per_dim is None) == bool(masked)
     assert ("masked_sites" in ev.summary()) == bool(masked)
     splits = ppvae.data.load("digits", binarize="static")
-    group = group_of(splits, ev.discrete, ev.masked, ev.mask_key, "mine")
+    group = group_of(splits, ev.discrete, masked=ev.masked, mask_key=ev.mask_key, label="mine")
     assert (f"probability of the elements its masks keep (x masked; masks {ev.mask_key})" in group) == bool(masked)
     assert (group == group_of(splits, True)) != bool(masked)
 
@@ -350,6 +350,9 @@ def test_pairs_whose_masks_keep_the_same_elements_share_a_group():
     first, second, other = scored("mask()", 0), scored("mask()", 1), scored("poutine.mask", 0)
     key = {ev.mask_key for ev in (first, second)}
     assert len(key) == 1 and None not in key and other.mask_key not in key | {None}
-    groups = [group_of(splits, ev.discrete, ev.masked, ev.mask_key, label) for ev, label in
+    groups = [group_of(splits, ev.discrete, masked=ev.masked, mask_key=ev.mask_key, label=label) for ev, label in
               ((first, "a"), (second, "b"), (other, "c"))]  # fmt: skip
     assert groups[0] == groups[1] != groups[2] and "masks" in groups[0]
+    # the same masks on a density: never ranked with the probabilities
+    density = group_of(splits, False, masked=first.masked, mask_key=first.mask_key)
+    assert density != groups[0] and "density of the elements" in density and "probability of" in groups[0]

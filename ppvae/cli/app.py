@@ -241,14 +241,12 @@ def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, se
         "train_seconds": round(seconds, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    no_bits: str | None | bool = False  # not yet known
     for split in ("val", "test"):
         x = getattr(splits, split)
         if x is not None:
-            if no_bits is False:
-                no_bits = _no_bits_because(model, x)
-                if no_bits:
-                    summary["no_bits_per_dim"] = no_bits
+            no_bits = _no_bits_because(model, x)  # per split: a mask may depend on the rows
+            if no_bits:
+                summary["no_bits_per_dim"] = no_bits
             torch.manual_seed(0)
             with _eval_mode(model):  # dropout off, BatchNorm on its running statistics: the model as it is scored
                 elbo = -loss(model.model, model.guide, x).item() / len(x)  # type: ignore[union-attr]

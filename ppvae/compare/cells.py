@@ -247,6 +247,7 @@ def _key_part(obj: Any) -> str:
 def group_of(
     splits: DataSplits,
     discrete: bool | None,
+    *,
     masked: Sequence[str] = (),
     mask_key: str | None = None,
     label: str | None = None,
@@ -262,9 +263,10 @@ def group_of(
     """
     if masked:
         sites = name_sites(masked)
+        kind = "probability" if discrete else "density" if discrete is False else "score of unknown kind"
         if mask_key:
-            return f"{splits.name}: probability of the elements its masks keep ({sites} masked; masks {mask_key})"
-        return f"{splits.name}: {label or 'a model'}'s probability of the elements it keeps ({sites} masked)"
+            return f"{splits.name}: {kind} of the elements its masks keep ({sites} masked; masks {mask_key})"
+        return f"{splits.name}: {label or 'a model'}'s {kind} of the elements it keeps ({sites} masked)"
     if discrete is None:
         return f"{splits.name}: a score of unknown kind (the model does not say whether it is a mass or a density)"
     if not discrete:  # a density is never ranked against probabilities, whatever the data
@@ -461,7 +463,7 @@ def score(
     ev = d.evaluation
     if not np.isfinite(ev.log_px).any():
         raise FloatingPointError("every test datapoint has non-finite log-weights: the model is broken (NaN weights?)")
-    group = group or group_of(splits, ev.discrete, ev.masked, ev.mask_key, label)
+    group = group or group_of(splits, ev.discrete, masked=ev.masked, mask_key=ev.mask_key, label=label)
     out = {"diagnosis": d.to_dict(), "group": group, "num_test": len(rows)}
     out["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     out["scored_as"] = getattr(getattr(scored, "likelihood", None), "method", None)

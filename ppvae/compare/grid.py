@@ -423,7 +423,7 @@ def _run(
         while queue or running:
             while queue and len(running) < workers:
                 i, task, reused = queue.pop(0), None, False
-                while idle and task is None:
+                while idle and task is None and i not in again:  # a second try goes to a fresh process
                     pool = idle.pop()
                     try:
                         task, reused = pool.submit(_worker_cell, cells[i], settings, dirs[i]), True

@@ -129,8 +129,8 @@ def _check_scoring(model: Any, guide: Any, batch: Any, data_plate: str, say: Cal
                 "masked",
                 "note",
                 f"{name_sites(ev.masked)} masks some observed elements: log p̂ is a probability of the elements it "
-                "keeps, not of the whole datapoint, so no bits/dim, and compare ranks the pair only with pairs whose "
-                "masks keep the same elements",
+                "keeps, not of the whole datapoint, so no bits/dim, and compare ranks the pair only with pairs of "
+                "the same kind whose masks on the first scored batch are the same",
             )
         )
     elif ev.discrete:

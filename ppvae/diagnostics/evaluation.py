@@ -129,6 +129,7 @@ class Evaluation:
             "particles": self.particles or "",
             "enumerated": self.enumerated or "",
             "masked": ", ".join(self.masked),
+            "mask_key": self.mask_key or "",
         }
 
     def to_inference_data(self) -> Any:
@@ -161,7 +162,7 @@ class Evaluation:
         out["estimator"] = f"ELBO (mean of {self.num_samples} log-weights); log_px: IWAE_{self.num_samples}"
         out["num_nonfinite"] = int((~ok).sum())
         if self.masked:
-            out["masked_sites"] = list(self.masked)
+            out["masked_sites"], out["mask_key"] = list(self.masked), self.mask_key
         return out
 
 

@@ -197,8 +197,9 @@ def laplace_whitening(
     ``max_iter`` (default ``LAPLACE_ITER``) iterations, or when no step decreases the potential. A datapoint keeps
     the guide's whitening where its Hessian is not positive definite or its decrement not small at the end (no mode
     found: a flat direction, a saddle), or where its gradient or Hessian is not finite (it is then left where it
-    is while the others move on); every datapoint keeps it when the potential is not twice differentiable, or has
-    more than ``DENSE_MAX`` coordinates per datapoint.
+    is while the others move on); every datapoint keeps it when the potential is not twice differentiable, when its
+    value is not finite (the sum hides which datapoint's is not), or with more than ``DENSE_MAX`` coordinates per
+    datapoint.
     """
     k, d = white.loc.shape
     max_iter = LAPLACE_ITER if max_iter is None else max_iter
