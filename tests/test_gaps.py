@@ -342,3 +342,22 @@ def test_user_errors():
     bad[4, 2] = float("nan")
     with pytest.raises(DataError):
         inference_gaps(vae, bad, index=[4])
+
+
+def test_a_guide_of_two_local_sites_in_one_plate_gets_its_gaps():
+    # Two latents in the data plate, each observed through its own Gaussian: the exact posterior factorizes, the guide
+    # below is it, so both gaps are about 0. (The per-datapoint guide opened the plate once per site: Pyro refused.)
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(torch.stack([a, b], -1), 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):  # prior precision 1 + likelihood precision 4
+            pyro.sample("a", dist.Normal(0.8 * x[:, 0], 5**-0.5))
+            pyro.sample("b", dist.Normal(0.8 * x[:, 1], 5**-0.5))
+
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0)) * 1.2
+    g = inference_gaps(model, x, guide=guide, index=np.arange(5), steps=100, num_samples=500)
+    assert (np.abs(g.amortization) < 0.02).all() and (np.abs(g.approximation) < 0.02).all()

@@ -102,10 +102,13 @@ class LocalFamily:
 
     def guide(self, *args: Any, **kwargs: Any) -> None:
         """A Pyro guide drawing every site from its family with the free values, in the original plates."""
-        for site in self.sites:
+        plates: dict[tuple, Any] = {}  # one plate object per frame, entered by every site in it: Pyro records a
+        for site in self.sites:  # plate when it is made, and two of one name in a trace are an error
             with ExitStack() as stack:
                 for name, size, dim in site.frames:
-                    stack.enter_context(pyro.plate(name, size, dim=dim))
+                    if (name, size, dim) not in plates:
+                        plates[name, size, dim] = pyro.plate(name, size, dim=dim)
+                    stack.enter_context(plates[name, size, dim])
                 pyro.sample(site.name, site.distribution())
 
 
