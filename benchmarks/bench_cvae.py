@@ -18,9 +18,7 @@ the baseline at every quadrant count, not those values.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,14 +27,8 @@ import torch
 
 import ppvae
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-def _cvae_module():
-    spec = importlib.util.spec_from_file_location("cvae", MODELS / "cvae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_common import begin_run, binarized_fashion_mnist, model_file  # noqa: E402
 
 
 def main() -> None:
@@ -49,16 +41,9 @@ def main() -> None:
     parser.add_argument("--quadrants", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC torch {torch.__version__} pyro "
-          f"{__import__('pyro').__version__} python {platform.python_version()} threads {torch.get_num_threads()}",
-          flush=True)  # fmt: skip
-    try:
-        splits = ppvae.data.load("fashion-mnist", binarize="static", download=False)
-    except ppvae.DataError as err:
-        sys.exit(f"this benchmark needs the Fashion-MNIST files: {err}")
-    cvae = _cvae_module()
+    begin_run(args.threads)
+    splits = binarized_fashion_mnist()
+    cvae = model_file("cvae")
     test = splits.test if args.test is None else splits.test[: args.test]
     print("quadrants  model     -log p̂(y|x_o) ± se   epochs  best  s/epoch   (baseline − CVAE) ± paired se")
     for q in args.quadrants:

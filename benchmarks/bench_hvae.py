@@ -14,9 +14,7 @@ Target (issue 14): the hierarchical VAE above the one-layer VAE, with the paired
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,8 @@ import torch
 
 import ppvae
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_common import begin_run, binarized_fashion_mnist, model_file  # noqa: E402
 
 
 def main() -> None:
@@ -37,18 +36,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC torch {torch.__version__} pyro "
-          f"{__import__('pyro').__version__} python {platform.python_version()} threads {torch.get_num_threads()}",
-          flush=True)  # fmt: skip
-    try:
-        splits = ppvae.data.load("fashion-mnist", binarize="static", download=False)
-    except ppvae.DataError as err:
-        sys.exit(f"this benchmark needs the Fashion-MNIST files: {err}")
-    spec = importlib.util.spec_from_file_location("hvae", MODELS / "hvae.py")
-    hvae = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hvae)
+    begin_run(args.threads)
+    splits = binarized_fashion_mnist()
+    hvae = model_file("hvae")
     net = {"name": "mlp", "kwargs": {"hidden": [args.hidden]}}
     torch.manual_seed(0)
     models = {"hvae": hvae.build(splits.data_shape, 32, splits=splits, top=16, hidden=args.hidden)}
