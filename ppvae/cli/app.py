@@ -36,7 +36,7 @@ from ppvae.cli.scoring import add_diagnose_args, add_evaluate_args, diagnose_com
 from ppvae.errors import ConfigError, PPVAEError, describe_out_of_memory, is_out_of_memory, without_trace_shapes
 from ppvae.infer.config import ON_NONFINITE, FitConfig
 from ppvae.infer.objectives import OBJECTIVES
-from ppvae.infer.observed import name_sites, observed_discrete, observed_masked
+from ppvae.infer.observed import name_sites, observed_kind
 from ppvae.infer.train import fit
 from ppvae.run_meta import RunMeta
 from ppvae.vae import VAE
@@ -259,15 +259,14 @@ def _summary(model: torch.nn.Module, splits: datamod.DataSplits, result: Any, se
 
 def _no_bits_because(model: Any, x: torch.Tensor) -> str | None:
     """Why the model's log-likelihood on the split ``x`` does not divide by D into bits/dim, or None when it is a
-    probability of each whole datapoint: its observed sites are discrete (its likelihood says, or their supports,
-    read from one run of the pair) and none masks an element (read from a run on all of ``x``: a mask may depend on
-    the rows)."""
+    probability of each whole datapoint: its observed sites are discrete (its likelihood says, or their supports)
+    and none masks an element, both read from one run of the pair on all of ``x`` (a mask may depend on the rows)."""
     with _eval_mode(model):
-        masked = observed_masked(model.model, model.guide, x)
-        if masked:
-            return f"{name_sites(masked)} masked, a probability of the elements kept"
-        known = getattr(getattr(model, "likelihood", None), "discrete", None)
-        kind = known if isinstance(known, bool) else observed_discrete(model.model, model.guide, x[:2])
+        traced, masked = observed_kind(model.model, model.guide, x)
+    if masked:
+        return f"{name_sites(masked)} masked, a probability of the elements kept"
+    known = getattr(getattr(model, "likelihood", None), "discrete", None)
+    kind = known if isinstance(known, bool) else traced
     if kind is None:
         return "observed sites of mixed or unknown kinds"
     return None if kind else "a density"

@@ -443,8 +443,8 @@ def score(
 
     The comparability group comes from what the scores are (:func:`group_of`: the observed sites' support, read by
     :func:`ppvae.evaluate`, and the preprocessing; ``label`` names a masked pair's own group); ``group`` names it
-    instead. A tuple test split ``(x, *inputs)``
-    is given whole to a user's pair and as ``x`` to a built-in VAE, on the same rows.
+    instead. A tuple test split ``(x, *inputs)`` is given whole to a user's pair and as ``x`` to a built-in VAE, on
+    the same rows.
     """
     from ppvae.blocks.discretize import scoring_view
 

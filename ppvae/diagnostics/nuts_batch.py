@@ -219,14 +219,17 @@ def laplace_whitening(
         hess = torch.stack(cols, dim=-1).detach().double()
         return u.detach().double(), grad.detach().double(), 0.5 * (hess + hess.mT)
 
+    def finite(grad: Tensor, hess: Tensor) -> Tensor:
+        return torch.isfinite(grad).all(-1) & torch.isfinite(hess).flatten(1).all(-1)
+
     eye = torch.eye(d, dtype=torch.float64)
     try:
         with torch.enable_grad():
             w = torch.zeros(k, d, dtype=torch.float64)
             u, grad, hess = curvature(w.to(dtype))
-            live = torch.ones(k, dtype=torch.bool)  # datapoints still moved: a non-finite one is frozen, not all
+            live = finite(grad, hess)  # datapoints still moved: a non-finite one is frozen, not all
             for _ in range(max_iter):
-                live = live & torch.isfinite(grad).all(-1) & torch.isfinite(hess).flatten(1).all(-1)
+                live = live & finite(grad, hess)
                 if not (bool(live.any()) and torch.isfinite(u)):
                     break
                 g = torch.where(live[:, None], grad, 0.0)
@@ -263,14 +266,13 @@ def laplace_whitening(
                 u, grad, hess = curvature(w.to(dtype))
     except RuntimeError:  # not twice differentiable (a custom autograd function without a double backward)
         return white
-    live = live & torch.isfinite(grad).all(-1) & torch.isfinite(hess).flatten(1).all(-1)
+    live = live & finite(grad, hess)
     hess = torch.where(live[:, None, None], hess, eye)
     grad = torch.where(live[:, None], grad, 0.0)
     factor, info = torch.linalg.cholesky_ex(hess)
-    inverse_grad = torch.cholesky_solve(grad[..., None], torch.where((info == 0)[:, None, None], factor,
-                                        torch.eye(d, dtype=hess.dtype)))[..., 0]  # fmt: skip
+    inverse_grad = torch.cholesky_solve(grad[..., None], torch.where((info == 0)[:, None, None], factor, eye))[..., 0]
     ok = live & (info == 0) & ((grad * inverse_grad).sum(-1) < _LAPLACE_TOL) & torch.isfinite(w).all(-1)
-    factor = torch.where(ok[:, None, None], factor, torch.eye(d, dtype=hess.dtype))
+    factor = torch.where(ok[:, None, None], factor, eye)
     cov = torch.cholesky_inverse(factor)  # H⁻¹ in the whitened coordinates
     chol, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.mT))
     ok = ok & (info == 0) & torch.isfinite(chol).flatten(1).all(1)

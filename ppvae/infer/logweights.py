@@ -199,14 +199,13 @@ class ScoringTrial:
         enumerated: the sites summed over exactly (marked ``infer={"enumerate": "parallel"}``), in trace order.
         sampled_because: why marked sites are drawn instead (an unbiased importance sample), or None.
         discrete: whether the observed sites have discrete supports (:func:`ppvae.infer.observed.discrete_support`).
-        masked: the observed sites with elements masked out of the density (:func:`ppvae.infer.observed.masked_sites`).
-        mask_key: a hash of those masks on this batch (:func:`ppvae.infer.observed.mask_fingerprint`), or None.
+        mask_key: a hash of the observed sites' masks on this batch (:func:`ppvae.infer.observed.mask_fingerprint`),
+            or None where none is masked.
     """
 
     enumerated: tuple[str, ...]
     sampled_because: str | None
     discrete: bool | None
-    masked: tuple[str, ...] = ()
     mask_key: str | None = None
 
 
@@ -226,7 +225,7 @@ def scoring_trial(
     except Exception as err:  # noqa: BLE001 - a pair that cannot run enumerated is sampled, and told why
         reason = f"running it enumerated raised {type(err).__name__}: {_first_line(err)}"
         model_trace, guide_trace = _run(model, guide, args, kwargs, None, max_plate_nesting)
-    discrete, masked, key = discrete_support(model_trace), masked_sites(model_trace), mask_fingerprint(model_trace)
+    discrete, key = discrete_support(model_trace), mask_fingerprint(model_trace)
     marked = (
         n
         for tr in (guide_trace, model_trace)
@@ -235,7 +234,7 @@ def scoring_trial(
     )
     names = tuple(dict.fromkeys(marked))
     if not names:
-        return ScoringTrial((), None, discrete, masked, key)
+        return ScoringTrial((), None, discrete, key)
     reason = reason or enumerable(model_trace, guide_trace)
     if reason is None:
         try:
@@ -246,7 +245,7 @@ def scoring_trial(
             raise
         except Exception as err:  # noqa: BLE001 - a pair that cannot be enumerated is sampled, and told why
             reason = f"summing over them raised {type(err).__name__}: {_first_line(err)}"
-    return ScoringTrial(names if reason is None else (), reason, discrete, masked, key)
+    return ScoringTrial(names if reason is None else (), reason, discrete, key)
 
 
 def _run(

@@ -23,7 +23,7 @@ __all__ = [
     "observed_discrete",
     "discrete_support",
     "masked_sites",
-    "observed_masked",
+    "observed_kind",
     "mask_fingerprint",
     "site_masks",
     "is_masked",
@@ -57,10 +57,11 @@ def discrete_support(model_trace: Any) -> bool | None:
     return _kind(_observed(model_trace))
 
 
-def observed_masked(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[str, ...]:
-    """:func:`masked_sites` of ``model`` run on ``args`` with the guide's latents replayed (as :func:`observed_sites`
-    runs it)."""
-    return masked_sites(_model_trace(model, guide, args, kwargs))
+def observed_kind(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[bool | None, tuple[str, ...]]:
+    """:func:`observed_discrete` and :func:`masked_sites` of ``model`` run on ``args`` with the guide's latents
+    replayed, from one run of the pair (as :func:`observed_sites` runs it)."""
+    trace = _model_trace(model, guide, args, kwargs)
+    return discrete_support(trace), masked_sites(trace)
 
 
 def masked_sites(model_trace: Any) -> tuple[str, ...]:
